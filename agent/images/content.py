@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,15 +151,24 @@ class ContentStore:
         return BlobWriter(self, digest, expected_size)
 
     def write_bytes(self, data: bytes, digest: str | None = None) -> str:
-        """Store small content (manifests, configs) and return its digest."""
-        digest = digest or sha256_digest(data)
-        if self.has(digest):
-            return digest
-        with self.writer(digest, len(data)) as writer:
-            writer.restart()
-            writer.write(data)
-            writer.commit()
-        return digest
+        """Store small content (manifests, configs) and return its digest; safe to race."""
+        actual = sha256_digest(data)
+        if digest is not None and digest != actual:
+            raise DigestMismatch(f"blob {digest}: content hashes to {actual}")
+        if self.has(actual):
+            return actual
+        fd, tmp = tempfile.mkstemp(prefix=f"{split_digest(actual)}.", suffix=".tmp", dir=self.ingest_dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, self.path(actual))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.fsync_dir(self.blob_dir)
+        return actual
 
     def read_bytes(self, digest: str, max_size: int = 64 << 20) -> bytes:
         path = self.path(digest)

@@ -325,6 +325,12 @@ def match_filters(record: ImageRecord, filters: dict[str, list[str]],
     return True
 
 
+def matching_tags(record: ImageRecord, filters: dict[str, list[str]]) -> list[str]:
+    """The image's tags that a ``reference`` filter selects (all of them without one), as docker shows."""
+    patterns = filters.get("reference", [])
+    return [t for t in record.tags if not patterns or any(_reference_matches(p, _display_ref(t)) for p in patterns)]
+
+
 def _reference_matches(pattern: str, familiar: str) -> bool:
     name, _, tag = familiar.rpartition(":")
     if ":" in pattern.rsplit("/", 1)[-1]:

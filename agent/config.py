@@ -1,0 +1,120 @@
+"""skiffd's configuration: defaults, the TOML config file, and flags on top (dockerd's rules)."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from agent.errors import InvalidArgument
+
+DEFAULT_CONFIG_FILE = Path("/etc/skiff/daemon.toml")
+DEFAULT_DATA_ROOT = Path("/var/lib/skiff")
+DEFAULT_EXEC_ROOT = Path("/run/skiff")
+SOCKET_NAME = "skiffd.sock"
+
+
+@dataclass
+class DaemonConfig:
+    data_root: Path = DEFAULT_DATA_ROOT
+    exec_root: Path = DEFAULT_EXEC_ROOT
+    hosts: list[str] = field(default_factory=list)
+    group: str = "skiff"
+    insecure_registries: list[str] = field(default_factory=list)
+    certs_dir: Path = Path("/etc/skiff/certs.d")
+    max_concurrent_downloads: int = 3
+    log_level: str = "info"
+    log_format: str = "auto"  # auto | json | console
+    shutdown_timeout: float = 15.0
+
+    def __post_init__(self) -> None:
+        if not self.hosts:
+            self.hosts = [f"unix://{self.exec_root / SOCKET_NAME}"]
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_root / "metadata.db"
+
+    @property
+    def content_root(self) -> Path:
+        return self.data_root / "content"
+
+    @property
+    def snapshots_root(self) -> Path:
+        return self.data_root / "snapshots"
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.data_root / "credentials.json"
+
+
+# TOML keys are dockerd's daemon.json keys.
+_KEYS = {
+    "data-root": "data_root",
+    "exec-root": "exec_root",
+    "hosts": "hosts",
+    "group": "group",
+    "insecure-registries": "insecure_registries",
+    "certs-dir": "certs_dir",
+    "max-concurrent-downloads": "max_concurrent_downloads",
+    "log-level": "log_level",
+    "log-format": "log_format",
+    "shutdown-timeout": "shutdown_timeout",
+}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kinds = {f.name: f.type for f in fields(DaemonConfig)}
+    kind = str(kinds[name])
+    if "Path" in kind:
+        if not isinstance(value, str) or not value:
+            raise InvalidArgument(f"config {name}: expected a path, got {value!r}")
+        return Path(value)
+    if "list" in kind:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidArgument(f"config {name}: expected a list of strings, got {value!r}")
+        return list(value)
+    if kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidArgument(f"config {name}: expected a number, got {value!r}")
+        if value < 0:
+            raise InvalidArgument(f"config {name}: must not be negative, got {value!r}")
+        return int(value) if kind == "int" else float(value)
+    if not isinstance(value, str):
+        raise InvalidArgument(f"config {name}: expected a string, got {value!r}")
+    return value
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> DaemonConfig:
+    """Defaults, then the TOML file (missing is fine only for the default path), then flags."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except FileNotFoundError:
+            if path != DEFAULT_CONFIG_FILE:
+                raise InvalidArgument(f"config file {path} not found") from None
+            doc = {}
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidArgument(f"config file {path}: {exc}") from exc
+        for key, value in doc.items():
+            if key not in _KEYS:
+                raise InvalidArgument(f"config file {path}: unknown key {key!r}")
+            values[_KEYS[key]] = _coerce(_KEYS[key], value)
+    for name, value in overrides.items():
+        if value is None or value == [] or value == ():
+            continue
+        values[name] = _coerce(name, list(value) if isinstance(value, tuple) else value)
+    if values.get("log_format", "auto") not in ("auto", "json", "console"):
+        raise InvalidArgument(f"log-format must be auto, json or console, not {values['log_format']!r}")
+    config = DaemonConfig(**values)
+    for host in config.hosts:
+        if not host.startswith("unix://"):
+            raise InvalidArgument(
+                f"unsupported listen address {host!r}: only unix:// sockets are served so far"
+                " (tcp:// with mutual TLS comes with the fleet transport)")
+    return config

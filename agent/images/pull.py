@@ -1,0 +1,248 @@
+"""Pulling an image: resolve, fetch manifests and config, fetch and unpack layers, record.
+
+Layers download in parallel (bounded), each into a resumable ingest; as each
+blob completes it is unpacked in a worker process (one per core) into its own
+pending snapshot, checked against the config's ``diff_ids`` and committed.
+Concurrent pulls share work: one download per blob digest and one unpack per
+chain ID, whoever asks first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from agent.errors import (
+    DataCorruption,
+    DigestMismatch,
+    InvalidArgument,
+    Unavailable,
+)
+from agent.images import manifest as mf
+from agent.images.auth import CredentialStore
+from agent.images.content import ContentStore
+from agent.images.reference import Reference
+from agent.images.registry import RegistryClient, RegistryConfig
+from agent.images.snapshots import OverlaySnapshotter
+from agent.images.store import ImageRecord, ImageStore, LayerRecord
+from agent.images.unpacker import Singleflight, Unpacker
+
+WRITE_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class PullEvent:
+    """One progress line, shaped like docker's JSON message stream."""
+
+    id: str = ""
+    status: str = ""
+    current: int = 0
+    total: int = 0
+    digest: str = ""
+    reference: str = ""
+    image_id: str = ""
+
+
+Progress = Callable[[PullEvent], None]
+
+
+def short(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12]
+
+
+def parse_created(text: str) -> int:
+    if not text:
+        return 0
+    try:
+        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
+
+
+class Puller:
+    def __init__(
+        self,
+        store: ImageStore,
+        credentials: CredentialStore,
+        registry_config: RegistryConfig,
+        unpacker: Unpacker,
+        *,
+        max_concurrent_downloads: int = 3,
+        transport: httpx.AsyncBaseTransport | None = None,
+        download_retries: int = 5,
+    ) -> None:
+        self.store = store
+        self.content: ContentStore = store.content
+        self.snapshots: OverlaySnapshotter = store.snapshots
+        self.credentials = credentials
+        self.registry_config = registry_config
+        self.unpacker = unpacker
+        self.download_slots = asyncio.Semaphore(max_concurrent_downloads)
+        self.transport = transport
+        self.download_retries = download_retries
+        self._blobs = Singleflight()
+
+    def client(self, host: str) -> RegistryClient:
+        return RegistryClient(host, self.registry_config, self.credentials.get(host),
+                              transport=self.transport)
+
+    async def pull(self, ref: Reference, platform: mf.Platform, progress: Progress) -> ImageRecord:
+        client = self.client(ref.domain)
+        try:
+            return await self._pull(client, ref, platform, progress)
+        finally:
+            await client.aclose()
+
+    async def _pull(self, client: RegistryClient, ref: Reference, platform: mf.Platform,
+                    progress: Progress) -> ImageRecord:
+        repo = ref.repository
+        progress(PullEvent(status=f"{ref.tag or ref.digest}: Pulling from {ref.path}"))
+        top = await client.get_manifest(repo, ref.api_reference, mf.ACCEPT)
+        media_type = mf.detect_media_type(top.data, top.media_type)
+        blobs = [top.digest]
+        manifest_data, manifest_digest, manifest_type = top.data, top.digest, media_type
+        if media_type in mf.INDEX_TYPES:
+            desc = mf.select_platform(mf.parse_index(top.data, media_type), platform)
+            fetched = await client.get_manifest(repo, desc.digest, mf.ACCEPT)
+            if fetched.digest != desc.digest:
+                raise DigestMismatch(f"manifest {desc.digest} hashes to {fetched.digest}")
+            manifest_data, manifest_digest = fetched.data, fetched.digest
+            manifest_type = mf.detect_media_type(fetched.data, fetched.media_type)
+            if manifest_type not in mf.MANIFEST_TYPES:
+                raise InvalidArgument(f"manifest list entry {desc.digest} is not an image manifest")
+            blobs.append(manifest_digest)
+        manifest = mf.parse_manifest(manifest_data, manifest_type)
+        keys = [manifest.config.digest, *blobs, *(layer.digest for layer in manifest.layers)]
+        self.store.leases.add(keys)
+        chains: list[str] = []
+        try:
+            config_data = await self._config(client, repo, manifest.config)
+            config = mf.parse_config(config_data)
+            if len(config.diff_ids) != len(manifest.layers):
+                raise InvalidArgument(
+                    f"image config lists {len(config.diff_ids)} diff_ids for {len(manifest.layers)} layers")
+            chains = mf.chain_ids(config.diff_ids)
+            self.store.leases.add(chains)
+            for blob_digest, data in ((top.digest, top.data), (manifest_digest, manifest_data)):
+                await asyncio.to_thread(self.content.write_bytes, data, blob_digest)
+            existed = self.store.get(manifest.config.digest) is not None
+            layer_jobs = []
+            for i, layer in enumerate(manifest.layers):
+                parent = chains[i - 1] if i else ""
+                layer_jobs.append(self._layer(client, repo, layer, chains[i], parent, config.diff_ids[i], progress))
+            sizes = await asyncio.gather(*layer_jobs)
+            record = ImageRecord(
+                id=manifest.config.digest, manifest_digest=manifest_digest, manifest_media_type=manifest_type,
+                config_digest=manifest.config.digest, created=parse_created(config.created),
+                size=sum(sizes), os=config.os, architecture=config.architecture, variant=config.variant,
+                top_chain_id=chains[-1] if chains else "",
+            )
+            layers = [LayerRecord(chains[i], config.diff_ids[i], lay.digest, lay.media_type)
+                      for i, lay in enumerate(manifest.layers)]
+            previous = self._tagged(ref)
+            self.store.add(record, keys, layers, ref if ref.tag else None, f"{ref.name}@{top.digest}")
+        finally:
+            self.store.leases.release(keys)
+            self.store.leases.release(chains)
+        progress(PullEvent(status=f"Digest: {top.digest}"))
+        fresh = not existed or previous != record.id
+        status = "Downloaded newer image for" if fresh else "Image is up to date for"
+        progress(PullEvent(status=f"Status: {status} {ref.familiar()}", digest=top.digest,
+                           reference=str(ref), image_id=record.id))
+        saved = self.store.get(record.id)
+        assert saved is not None
+        return saved
+
+    def _tagged(self, ref: Reference) -> str | None:
+        if not ref.tag:
+            return None
+        row = self.store.db.query_one("SELECT image_id FROM tags WHERE name = ?", (str(ref),))
+        return str(row["image_id"]) if row else None
+
+    async def _config(self, client: RegistryClient, repo: str, desc: mf.Descriptor) -> bytes:
+        if self.content.has(desc.digest):
+            return await asyncio.to_thread(self.content.read_bytes, desc.digest,
+                                           self.registry_config.max_config_size)
+        data = await client.get_blob(repo, desc.digest, desc.size, self.registry_config.max_config_size)
+        await asyncio.to_thread(self.content.write_bytes, data, desc.digest)
+        return data
+
+    async def _layer(self, client: RegistryClient, repo: str, desc: mf.Descriptor, chain_id: str,
+                     parent: str, diff_id: str, progress: Progress) -> int:
+        snap = self.snapshots.get(chain_id)
+        if snap is not None:
+            progress(PullEvent(id=short(desc.digest), status="Already exists"))
+            return snap.size
+        progress(PullEvent(id=short(desc.digest), status="Pulling fs layer"))
+
+        await self._blobs.do(desc.digest, lambda: self._download(client, repo, desc, progress))
+        if self.snapshots.get(chain_id) is None:
+            progress(PullEvent(id=short(desc.digest), status="Extracting", total=desc.size))
+        size = await self.unpacker.ensure(chain_id, parent, diff_id, desc.digest, desc.media_type)
+        progress(PullEvent(id=short(desc.digest), status="Pull complete"))
+        return size
+
+    async def _download(self, client: RegistryClient, repo: str, desc: mf.Descriptor,
+                        progress: Progress) -> None:
+        if self.content.has(desc.digest):
+            if self.content.size(desc.digest) == desc.size:
+                progress(PullEvent(id=short(desc.digest), status="Download complete"))
+                return
+            self.content.delete(desc.digest)
+        lid = short(desc.digest)
+        async with self.download_slots:
+            for attempt in range(self.download_retries + 1):
+                writer = await asyncio.to_thread(self.content.writer, desc.digest, desc.size)
+                try:
+                    await self._fetch_into(client, repo, desc, writer, progress)
+                    progress(PullEvent(id=lid, status="Verifying Checksum"))
+                    await asyncio.to_thread(writer.commit)
+                    progress(PullEvent(id=lid, status="Download complete"))
+                    return
+                except DataCorruption:
+                    raise
+                except (Unavailable, httpx.TransportError, OSError) as exc:
+                    if attempt == self.download_retries:
+                        raise Unavailable(f"downloading layer {desc.digest} from {client_host(client)}:"
+                                          f" {exc}") from exc
+                    progress(PullEvent(id=lid, status=f"Retrying in {2 ** attempt}s"))
+                    await asyncio.sleep(min(8.0, 0.2 * 2 ** attempt) * (0.5 + random.random()))
+                finally:
+                    writer.close()
+
+    async def _fetch_into(self, client: RegistryClient, repo: str, desc: mf.Descriptor,
+                          writer: Any, progress: Progress) -> None:
+        lid = short(desc.digest)
+        if writer.offset >= desc.size and desc.size > 0:
+            return
+        async with client.open_blob(repo, desc.digest, writer.offset) as stream:
+            if stream.start != writer.offset:
+                writer.restart()
+            buf = bytearray()
+            last = 0.0
+            async for chunk in stream.chunks():
+                buf += chunk
+                if len(buf) >= WRITE_CHUNK:
+                    await asyncio.to_thread(writer.write, bytes(buf))
+                    buf.clear()
+                    now = time.monotonic()
+                    if now - last > 0.1:
+                        last = now
+                        progress(PullEvent(id=lid, status="Downloading", current=writer.offset, total=desc.size))
+            if buf:
+                await asyncio.to_thread(writer.write, bytes(buf))
+        progress(PullEvent(id=lid, status="Downloading", current=writer.offset, total=desc.size))
+
+
+def client_host(client: RegistryClient) -> str:
+    return str(getattr(client, "host", "registry"))
+
+
+__all__ = ["PullEvent", "Puller"]

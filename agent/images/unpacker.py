@@ -1,0 +1,72 @@
+"""Turning a stored layer blob into a committed snapshot, once per chain ID.
+
+Both pulls and ``load`` come through here.  The blob is unpacked by
+:func:`agent.images.unpack.apply_layer` in a worker process (one per core),
+into a pending snapshot that is committed only if the unpacked stream hashes to
+the config's diff_id; otherwise the snapshot is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+from agent.errors import DigestMismatch
+from agent.images.content import ContentStore
+from agent.images.snapshots import OverlaySnapshotter
+from agent.images.unpack import LayerStats, apply_layer
+
+T = TypeVar("T")
+
+
+class Singleflight:
+    """Run one task per key; later callers await the same result."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+
+    async def do(self, key: str, factory: Callable[[], Awaitable[T]]) -> T:
+        task = self._tasks.get(key)
+        if task is None:
+            task = asyncio.ensure_future(factory())
+            self._tasks[key] = task
+            task.add_done_callback(lambda _t: self._tasks.pop(key, None))
+        return await asyncio.shield(task)
+
+
+class Unpacker:
+    def __init__(self, content: ContentStore, snapshots: OverlaySnapshotter, executor: Executor) -> None:
+        self.content = content
+        self.snapshots = snapshots
+        self.executor = executor
+        self._flights = Singleflight()
+
+    async def ensure(self, chain_id: str, parent: str, diff_id: str, blob_digest: str, media_type: str) -> int:
+        """Make sure the snapshot ``chain_id`` exists; return its unpacked size."""
+        existing = self.snapshots.get(chain_id)
+        if existing is not None:
+            return existing.size
+        return await self._flights.do(
+            chain_id, lambda: self._unpack(chain_id, parent, diff_id, blob_digest, media_type))
+
+    async def _unpack(self, chain_id: str, parent: str, diff_id: str, blob_digest: str, media_type: str) -> int:
+        existing = self.snapshots.get(chain_id)
+        if existing is not None:
+            return existing.size
+        snap = self.snapshots.begin_layer(chain_id, parent, diff_id)
+        try:
+            loop = asyncio.get_running_loop()
+            stats: LayerStats = await loop.run_in_executor(
+                self.executor, apply_layer, str(self.content.path(blob_digest)), media_type,
+                str(snap.path / "fs"))
+            if stats.diff_id != diff_id:
+                raise DigestMismatch(
+                    f"layer {blob_digest}: unpacked content hashes to {stats.diff_id},"
+                    f" but the image config says {diff_id}")
+        except BaseException:
+            await asyncio.to_thread(self.snapshots.abort, snap)
+            raise
+        self.snapshots.commit(snap, stats.size)
+        return stats.size

@@ -1,0 +1,77 @@
+"""Connection to one agent, and the one place gRPC errors become controller errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import grpc
+from grpc import aio
+
+from controller.errors import AgentError, ConnectionFailed, UsageError
+from skiff.v1 import images_pb2_grpc, system_pb2_grpc
+
+DEFAULT_HOST = "unix:///run/skiff/skiffd.sock"
+T = TypeVar("T")
+MAX_MESSAGE = 64 << 20
+
+
+def default_host() -> str:
+    return os.environ.get("SKIFF_HOST") or DEFAULT_HOST
+
+
+def grpc_target(host: str) -> str:
+    """``unix:///path`` → the gRPC target; other schemes arrive with the fleet transports."""
+    if host.startswith("unix://"):
+        path = host.removeprefix("unix://")
+        if not path.startswith("/"):
+            raise UsageError(f"invalid host {host!r}: unix socket path must be absolute")
+        return f"unix:{path}"
+    if host.startswith("/"):
+        return f"unix:{host}"
+    raise UsageError(f"unsupported host {host!r}: use unix:///path/to/skiffd.sock")
+
+
+class Agent:
+    """Stubs for one agent over one channel."""
+
+    def __init__(self, host: str, channel: aio.Channel) -> None:
+        self.host = host
+        self.channel = channel
+        self.system = system_pb2_grpc.SystemStub(channel)
+        self.images = images_pb2_grpc.ImagesStub(channel)
+        self.registries = images_pb2_grpc.RegistriesStub(channel)
+
+
+def translate(host: str, exc: grpc.RpcError) -> Exception:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE and ("connect" in (details or "").lower()
+                                                 or "socket" in (details or "").lower()):
+        return ConnectionFailed(f"cannot connect to the skiff agent at {host}: is skiffd running? ({details})")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ConnectionFailed(f"timed out talking to the skiff agent at {host}")
+    return AgentError(details or f"agent at {host} failed: {code}")
+
+
+@asynccontextmanager
+async def connect(host: str) -> AsyncIterator[Agent]:
+    target = grpc_target(host)
+    channel = aio.insecure_channel(target, options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.enable_retries", 0),
+    ])
+    try:
+        yield Agent(host, channel)
+    except grpc.RpcError as exc:
+        raise translate(host, exc) from exc
+    finally:
+        await channel.close(grace=None)
+
+
+async def call(host: str, fn: Callable[[Agent], Awaitable[T]]) -> T:
+    async with connect(host) as agent:
+        return await fn(agent)

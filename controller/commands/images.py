@@ -1,0 +1,340 @@
+"""Image commands: pull, images, inspect, history, tag, rmi, prune, save, load, login, logout."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+import time
+from typing import Any
+
+import click
+
+from controller.cli import Context, pass_ctx, print_json_docs, print_table, print_template_docs, run
+from controller.client import Agent
+from controller.errors import UsageError
+from controller.render import PullRenderer, ago, human_size
+from skiff.v1 import images_pb2
+
+CHUNK = 1 << 20
+
+
+@click.command()
+@click.argument("name")
+@click.option("-a", "--all-tags", is_flag=True, help="Download all tagged images in the repository.")
+@click.option("--platform", default="", help="Set platform if server is multi-platform capable (os/arch[/variant]).")
+@click.option("-q", "--quiet", is_flag=True, help="Suppress verbose output.")
+@pass_ctx
+def pull(ctx: Context, name: str, all_tags: bool, platform: str, quiet: bool) -> None:
+    """Download an image from a registry."""
+    if all_tags:
+        raise UsageError("--all-tags is not supported yet")
+    renderer = PullRenderer()
+
+    async def go(agent: Agent) -> str:
+        reference = ""
+        async for ev in agent.images.Pull(images_pb2.PullRequest(reference=name, platform=platform)):
+            if ev.reference:
+                reference = ev.reference
+            if not quiet:
+                renderer.event(ev.id, ev.status, ev.current, ev.total)
+        return reference
+
+    reference = run(ctx, go)
+    click.echo(reference)
+
+
+def _image_rows(images: list[images_pb2.ImageSummary], digests: bool, no_trunc: bool) -> list[dict[str, Any]]:
+    now = time.time()
+    rows: list[dict[str, Any]] = []
+    for img in images:
+        short = img.id if no_trunc else img.id.removeprefix("sha256:")[:12]
+        digest_by_repo = {d.rpartition("@")[0]: d.rpartition("@")[2] for d in img.repo_digests}
+        pairs = [(t.rpartition(":")[0], t.rpartition(":")[2]) for t in img.repo_tags]
+        if not pairs:
+            pairs = [(d.rpartition("@")[0], "<none>") for d in img.repo_digests] or [("<none>", "<none>")]
+        for repo, tag in pairs:
+            rows.append({
+                "Repository": repo, "Tag": tag, "ID": short,
+                "Digest": digest_by_repo.get(repo, "<none>"),
+                "CreatedSince": ago(img.created, now), "CreatedAt": time.strftime(
+                    "%Y-%m-%d %H:%M:%S %z", time.localtime(img.created)) if img.created else "",
+                "Size": human_size(img.size), "Containers": "N/A",
+            })
+    return rows
+
+
+@click.command("images")
+@click.argument("repository", required=False)
+@click.option("-a", "--all", "all_", is_flag=True, help="Show all images (default hides intermediate images).")
+@click.option("--digests", is_flag=True, help="Show digests.")
+@click.option("-f", "--filter", "filters", multiple=True, help="Filter output based on conditions provided.")
+@click.option("--format", "fmt", help="Format output using a custom template ('table', 'table TEMPLATE', 'json', or a Go template).")
+@click.option("--no-trunc", is_flag=True, help="Don't truncate output.")
+@click.option("-q", "--quiet", is_flag=True, help="Only show image IDs.")
+@pass_ctx
+def images(ctx: Context, repository: str | None, all_: bool, digests: bool, filters: tuple[str, ...],
+           fmt: str | None, no_trunc: bool, quiet: bool) -> None:
+    """List images."""
+    flt = list(filters) + ([f"reference={repository}"] if repository else [])
+
+    async def go(agent: Agent) -> images_pb2.ListImagesResponse:
+        return await agent.images.List(images_pb2.ListImagesRequest(all=all_, filters=flt), timeout=30)
+
+    resp = run(ctx, go)
+    rows = _image_rows(list(resp.images), digests, no_trunc)
+    if quiet:
+        seen: list[str] = []
+        for row in rows:
+            if row["ID"] not in seen:
+                seen.append(row["ID"])
+        for image_id in seen:
+            click.echo(image_id)
+        return
+    if fmt == "json":
+        for row in rows:
+            click.echo(json.dumps(row, separators=(",", ":")))
+        return
+    default = ("table {{.Repository}}\t{{.Tag}}\t{{.Digest}}\t{{.ID}}\t{{.CreatedSince}}\t{{.Size}}" if digests
+               else "table {{.Repository}}\t{{.Tag}}\t{{.ID}}\t{{.CreatedSince}}\t{{.Size}}")
+    print_table(rows, default, fmt if fmt != "table" else None,
+                {"ID": "IMAGE ID", "CreatedSince": "CREATED", "CreatedAt": "CREATED AT"})
+
+
+@click.command("inspect")
+@click.argument("names", nargs=-1, required=True)
+@click.option("-f", "--format", "fmt", help="Format output using a custom template.")
+@click.option("--type", "kind", type=click.Choice(["image"]), default="image", help="Only inspect objects of this type.")
+@pass_ctx
+def inspect(ctx: Context, names: tuple[str, ...], fmt: str | None, kind: str) -> None:
+    """Display detailed information on one or more images."""
+
+    async def go(agent: Agent) -> tuple[list[Any], list[str]]:
+        docs, errors = [], []
+        for name in names:
+            try:
+                resp = await agent.images.Inspect(images_pb2.InspectImageRequest(image=name), timeout=30)
+                docs.append(json.loads(resp.json))
+            except Exception as exc:  # docker prints the others, then fails
+                details = getattr(exc, "details", None)
+                errors.append(details() if callable(details) else str(exc))
+        return docs, errors
+
+    docs, errors = run(ctx, go)
+    if fmt and fmt != "json":
+        print_template_docs(fmt, docs)
+    else:
+        print_json_docs(docs)
+    if errors:
+        for err in errors:
+            click.echo(f"Error: {err}", err=True)
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("image")
+@click.option("--format", "fmt", help="Format output using a custom template.")
+@click.option("-H", "--human", type=bool, default=True, show_default=True, help="Print sizes and dates in human readable format.")
+@click.option("--no-trunc", is_flag=True, help="Don't truncate output.")
+@click.option("-q", "--quiet", is_flag=True, help="Only show image IDs.")
+@pass_ctx
+def history(ctx: Context, image: str, fmt: str | None, human: bool, no_trunc: bool, quiet: bool) -> None:
+    """Show the history of an image."""
+
+    async def go(agent: Agent) -> images_pb2.ImageHistoryResponse:
+        return await agent.images.History(images_pb2.ImageHistoryRequest(image=image), timeout=30)
+
+    resp = run(ctx, go)
+    rows = []
+    for e in resp.entries:
+        ident = e.id if no_trunc or e.id == "<missing>" else e.id.removeprefix("sha256:")[:12]
+        created_by = e.created_by
+        if not no_trunc and len(created_by) > 45:
+            created_by = created_by[:44] + "…"
+        rows.append({"ID": ident, "CreatedSince": ago(e.created) if human else str(e.created),
+                     "CreatedBy": created_by, "Size": human_size(e.size) if human else str(e.size),
+                     "Comment": e.comment, "Tags": ", ".join(e.tags)})
+    if quiet:
+        for row in rows:
+            click.echo(row["ID"])
+        return
+    print_table(rows, "table {{.ID}}\t{{.CreatedSince}}\t{{.CreatedBy}}\t{{.Size}}\t{{.Comment}}", fmt,
+                {"ID": "IMAGE", "CreatedSince": "CREATED", "CreatedBy": "CREATED BY"})
+
+
+@click.command()
+@click.argument("source")
+@click.argument("target")
+@pass_ctx
+def tag(ctx: Context, source: str, target: str) -> None:
+    """Create a tag TARGET_IMAGE that refers to SOURCE_IMAGE."""
+
+    async def go(agent: Agent) -> None:
+        await agent.images.Tag(images_pb2.TagImageRequest(source=source, target=target), timeout=30)
+
+    run(ctx, go)
+
+
+@click.command()
+@click.argument("images_", metavar="IMAGE...", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Force removal of the image.")
+@click.option("--no-prune", is_flag=True, help="Do not delete untagged parents.")
+@pass_ctx
+def rmi(ctx: Context, images_: tuple[str, ...], force: bool, no_prune: bool) -> None:
+    """Remove one or more images."""
+
+    async def go(agent: Agent) -> list[str]:
+        errors = []
+        for name in images_:
+            try:
+                resp = await agent.images.Remove(
+                    images_pb2.RemoveImageRequest(image=name, force=force, no_prune=no_prune), timeout=120)
+            except Exception as exc:
+                details = getattr(exc, "details", None)
+                errors.append(details() if callable(details) else str(exc))
+                continue
+            for item in resp.untagged:
+                click.echo(f"Untagged: {item}")
+            for item in resp.deleted:
+                click.echo(f"Deleted: {item}")
+        return errors
+
+    errors = run(ctx, go)
+    for err in errors:
+        click.echo(f"Error response from agent: {err}", err=True)
+    if errors:
+        sys.exit(1)
+
+
+@click.command()
+@click.option("-a", "--all", "all_", is_flag=True, help="Remove all unused images, not just dangling ones.")
+@click.option("--filter", "filters", multiple=True, help="Provide filter values (e.g. 'label=<key>=<value>').")
+@click.option("-f", "--force", is_flag=True, help="Do not prompt for confirmation.")
+@pass_ctx
+def prune(ctx: Context, all_: bool, filters: tuple[str, ...], force: bool) -> None:
+    """Remove unused images."""
+    if not force:
+        warning = ("WARNING! This will remove all images without at least one container associated to them."
+                   if all_ else "WARNING! This will remove all dangling images.")
+        if not sys.stdin.isatty():
+            click.echo(warning)
+        if not click.confirm(warning + "\nAre you sure you want to continue?", default=False) if sys.stdin.isatty() else False:
+            if not sys.stdin.isatty():
+                raise UsageError("refusing to prune without confirmation; use -f/--force")
+            return
+
+    async def go(agent: Agent) -> images_pb2.PruneImagesResponse:
+        return await agent.images.Prune(images_pb2.PruneImagesRequest(all=all_, filters=list(filters)), timeout=300)
+
+    resp = run(ctx, go)
+    if resp.untagged or resp.deleted:
+        click.echo("Deleted Images:")
+        for item in resp.untagged:
+            click.echo(f"untagged: {item}")
+        for item in resp.deleted:
+            click.echo(f"deleted: {item}")
+        click.echo("")
+    click.echo(f"Total reclaimed space: {human_size(resp.space_reclaimed)}")
+
+
+@click.command()
+@click.argument("server", required=False, default="")
+@click.option("-u", "--username", help="Username.")
+@click.option("-p", "--password", help="Password.")
+@click.option("--password-stdin", is_flag=True, help="Take the password from stdin.")
+@pass_ctx
+def login(ctx: Context, server: str, username: str | None, password: str | None, password_stdin: bool) -> None:
+    """Log in to a registry (the credentials are stored by the agent)."""
+    if password_stdin:
+        if password:
+            raise UsageError("--password and --password-stdin are mutually exclusive")
+        if not username:
+            raise UsageError("must provide --username with --password-stdin")
+        password = sys.stdin.read().rstrip("\r\n")
+    if not username:
+        username = input("Username: ")
+    if not password:
+        password = getpass.getpass("Password: ")
+
+    async def go(agent: Agent) -> images_pb2.LoginResponse:
+        return await agent.registries.Login(
+            images_pb2.LoginRequest(server=server, username=username or "", password=password or ""), timeout=60)
+
+    click.echo(run(ctx, go).status)
+
+
+@click.command()
+@click.argument("server", required=False, default="")
+@pass_ctx
+def logout(ctx: Context, server: str) -> None:
+    """Log out from a registry."""
+
+    async def go(agent: Agent) -> images_pb2.LogoutResponse:
+        return await agent.registries.Logout(images_pb2.LogoutRequest(server=server), timeout=30)
+
+    click.echo(run(ctx, go).status)
+
+
+@click.command()
+@click.argument("images_", metavar="IMAGE...", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to a file, instead of STDOUT.")
+@pass_ctx
+def save(ctx: Context, images_: tuple[str, ...], output: str | None) -> None:
+    """Save one or more images to a tar archive (docker-archive format)."""
+    if output is None and sys.stdout.isatty():
+        raise UsageError("cowardly refusing to save to a terminal. Use the -o flag or redirect")
+
+    async def go(agent: Agent) -> None:
+        import os
+        import tempfile
+
+        if output is None:
+            sink = sys.stdout.buffer
+            async for chunk in agent.images.Save(images_pb2.SaveImagesRequest(images=list(images_))):
+                sink.write(chunk.data)
+            sink.flush()
+            return
+        directory = os.path.dirname(os.path.abspath(output))
+        fd, tmp = tempfile.mkstemp(prefix=".skiff-save-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                async for chunk in agent.images.Save(images_pb2.SaveImagesRequest(images=list(images_))):
+                    fh.write(chunk.data)
+            os.replace(tmp, output)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    run(ctx, go)
+
+
+@click.command()
+@click.option("-i", "--input", "input_", type=click.Path(exists=True, dir_okay=False),
+              help="Read from tar archive file, instead of STDIN.")
+@click.option("-q", "--quiet", is_flag=True, help="Suppress the load output.")
+@pass_ctx
+def load(ctx: Context, input_: str | None, quiet: bool) -> None:
+    """Load images from a tar archive (docker-archive or OCI layout) or STDIN."""
+    if input_ is None and sys.stdin.isatty():
+        raise UsageError("requested load from stdin, but stdin is empty")
+
+    async def chunks() -> Any:
+        fh = open(input_, "rb") if input_ else sys.stdin.buffer
+        try:
+            first = True
+            while True:
+                data = fh.read(CHUNK)
+                if not data:
+                    break
+                yield images_pb2.LoadImagesRequest(data=data, quiet=quiet if first else False)
+                first = False
+        finally:
+            if input_:
+                fh.close()
+
+    async def go(agent: Agent) -> None:
+        async for progress in agent.images.Load(chunks()):
+            for line in progress.loaded:
+                click.echo(line)
+
+    run(ctx, go)

@@ -1,0 +1,44 @@
+"""Demo: a local registry, a private skiffd, and `skiff pull` / `skiff images` against them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support import ociimage  # noqa: E402
+from tests.support.agent import BIN, AgentProcess  # noqa: E402
+from tests.support.registry import Registry  # noqa: E402
+
+
+def skiff(agent: AgentProcess, *args: str) -> None:
+    print(f"$ skiff {' '.join(args)}", flush=True)
+    subprocess.run([str(BIN / "skiff"), "-H", agent.host, *args], check=True)
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="skiff-demo-") as tmp:
+        work = Path(tmp)
+        ociimage.build_busybox(work / "layout")
+        with Registry(work / "registry") as registry:
+            ref = f"{registry.host}/busybox:1"
+            ociimage.push(work / "layout", ociimage.TAG_BUSYBOX, ref)
+            print(f"registry: {registry.url} (docker-registry, holds {ref})")
+            agent = AgentProcess(work / "agent").start()
+            print(f"agent: skiffd on {agent.host}, data root {agent.data_root}\n")
+            try:
+                skiff(agent, "version")
+                skiff(agent, "pull", ref)
+                skiff(agent, "images")
+                skiff(agent, "image", "inspect", "-f", "{{.Os}}/{{.Architecture}} {{json .RootFS.Layers}}", ref)
+            finally:
+                agent.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+#!/bin/bash
+# Set up everything skiff needs on a Debian 12 machine, as root: system packages,
+# a virtualenv in .venv with skiff and its dependencies (editable, with dev extras).
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  python3-venv python3-dev gcc            # the virtualenv, and building wheels if a binary one is missing
+  docker-registry skopeo umoci            # real registry server and an independent image client for tests
+  busybox-static tini                     # test images; the --init process
+  podman runc                             # interop checks (podman load) and the runc executor
+  jq curl apache2-utils iproute2 util-linux
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing packages ${missing[*]}; run as root to install them" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import skiff.v1.images_pb2, agent, controller" >/dev/null
+# The socket group (dockerd's "docker" group).
+getent group skiff >/dev/null || groupadd --system skiff 2>/dev/null || true
+echo "setup: ready (.venv/bin/skiff, .venv/bin/skiffd)"
