@@ -207,6 +207,7 @@ class Puller:
                     progress(PullEvent(id=lid, status="Download complete"))
                     return
                 except DataCorruption:
+                    await asyncio.to_thread(writer.discard)  # never resume from refused bytes
                     raise
                 except (Unavailable, httpx.TransportError, OSError) as exc:
                     if attempt == self.download_retries:
@@ -215,7 +216,7 @@ class Puller:
                     progress(PullEvent(id=lid, status=f"Retrying in {2 ** attempt}s"))
                     await asyncio.sleep(min(8.0, 0.2 * 2 ** attempt) * (0.5 + random.random()))
                 finally:
-                    writer.close()
+                    writer.discard() if writer.offset == 0 else writer.close()  # empty: nothing to resume
 
     async def _fetch_into(self, client: RegistryClient, repo: str, desc: mf.Descriptor,
                           writer: Any, progress: Progress) -> None:
