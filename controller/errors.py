@@ -20,6 +20,10 @@ class UsageError(ControllerError):
     exit_code = 125
 
 
+class CancelledError(ControllerError):
+    """The user answered no at a confirmation prompt."""
+
+
 class TemplateError(ControllerError):
     """A --format template that cannot be parsed or executed."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from agent.errors import (
     DataCorruption,
     DigestMismatch,
     InvalidArgument,
+    ResourceExhausted,
+    TooLarge,
     Unavailable,
 )
 from agent.images import manifest as mf
@@ -77,6 +80,7 @@ class Puller:
         max_concurrent_downloads: int = 3,
         transport: httpx.AsyncBaseTransport | None = None,
         download_retries: int = 5,
+        max_layer_size: int = 64 << 30,
     ) -> None:
         self.store = store
         self.content: ContentStore = store.content
@@ -87,6 +91,7 @@ class Puller:
         self.download_slots = asyncio.Semaphore(max_concurrent_downloads)
         self.transport = transport
         self.download_retries = download_retries
+        self.max_layer_size = max_layer_size
         self._blobs = Singleflight()
 
     def client(self, host: str) -> RegistryClient:
@@ -119,6 +124,7 @@ class Puller:
                 raise InvalidArgument(f"manifest list entry {desc.digest} is not an image manifest")
             blobs.append(manifest_digest)
         manifest = mf.parse_manifest(manifest_data, manifest_type)
+        self._check_sizes(manifest)
         keys = [manifest.config.digest, *blobs, *(layer.digest for layer in manifest.layers)]
         self.store.leases.add(keys)
         chains: list[str] = []
@@ -159,6 +165,20 @@ class Puller:
         saved = self.store.get(record.id)
         assert saved is not None
         return saved
+
+    def _check_sizes(self, manifest: mf.Manifest) -> None:
+        """Refuse layers over the cap, and a pull that cannot fit on the data disk."""
+        missing = 0
+        for layer in manifest.layers:
+            if layer.size > self.max_layer_size:
+                raise TooLarge(f"layer {layer.digest} declares {layer.size} bytes,"
+                               f" over the {self.max_layer_size}-byte cap")
+            if not self.content.has(layer.digest):
+                missing += layer.size - self.content.partial_size(layer.digest)
+        free = shutil.disk_usage(self.content.root).free
+        if missing > free:
+            raise ResourceExhausted(
+                f"not enough space in {self.content.root}: the layers need {missing} bytes, {free} are free")
 
     def _tagged(self, ref: Reference) -> str | None:
         if not ref.tag:

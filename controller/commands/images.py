@@ -12,11 +12,20 @@ import click
 
 from controller.cli import Context, pass_ctx, print_json_docs, print_table, print_template_docs, run
 from controller.client import Agent
-from controller.errors import UsageError
+from controller.errors import CancelledError, UsageError
 from controller.render import PullRenderer, ago, human_size
 from skiff.v1 import images_pb2
 
 CHUNK = 1 << 20
+
+
+def confirm(warning: str) -> bool:
+    """docker's prompt: the answer is read from stdin, terminal or not; anything but y/yes is no."""
+    click.echo(f"{warning}\nAre you sure you want to continue? [y/N] ", nl=False)
+    answer = sys.stdin.readline()
+    if not sys.stdin.isatty():
+        click.echo("")
+    return answer.strip().lower() in ("y", "yes")
 
 
 @click.command()
@@ -216,12 +225,8 @@ def prune(ctx: Context, all_: bool, filters: tuple[str, ...], force: bool) -> No
     if not force:
         warning = ("WARNING! This will remove all images without at least one container associated to them."
                    if all_ else "WARNING! This will remove all dangling images.")
-        if not sys.stdin.isatty():
-            click.echo(warning)
-        if not click.confirm(warning + "\nAre you sure you want to continue?", default=False) if sys.stdin.isatty() else False:
-            if not sys.stdin.isatty():
-                raise UsageError("refusing to prune without confirmation; use -f/--force")
-            return
+        if not confirm(warning):
+            raise CancelledError("image prune has been cancelled")
 
     async def go(agent: Agent) -> images_pb2.PruneImagesResponse:
         return await agent.images.Prune(images_pb2.PruneImagesRequest(all=all_, filters=list(filters)), timeout=300)

@@ -205,3 +205,45 @@ def test_concurrent_pulls_share_work(fresh_agent: AgentProcess, registry: Regist
     assert len(snapshot_dirs(fresh_agent)) == ociimage.MULTI_LAYERS
     log = fresh_agent.log_path.read_text()
     assert log.count('"method": "/skiff.v1.Images/Pull", "code": "OK"') == 3
+
+
+def test_docker_schema2_and_manifest_list(agent: AgentProcess, registry: Registry, oci_layout: Path) -> None:
+    """Images pushed as Docker schema 2 (and a Docker manifest list) pull like OCI ones."""
+    ociimage.skopeo("copy", "--quiet", "--dest-tls-verify=false", "--format", "v2s2",
+                    f"oci:{oci_layout}:{ociimage.TAG_BUSYBOX}", f"docker://{registry.host}/v2s2:1")
+    raw = ociimage.inspect_raw(f"{registry.host}/v2s2:1")
+    assert raw["mediaType"] == ociimage.MT_DOCKER_MANIFEST
+    agent.ok("pull", f"{registry.host}/v2s2:1")
+    doc = json.loads(agent.ok("image", "inspect", f"{registry.host}/v2s2:1"))[0]
+    assert doc["Descriptor"]["mediaType"] == ociimage.MT_DOCKER_MANIFEST
+
+    ociimage.skopeo("copy", "--quiet", "--all", "--dest-tls-verify=false", "--format", "v2s2",
+                    f"oci:{oci_layout}:{ociimage.TAG_MULTIARCH}", f"docker://{registry.host}/list:1")
+    assert ociimage.inspect_raw(f"{registry.host}/list:1")["mediaType"] == ociimage.MT_DOCKER_LIST
+    agent.ok("pull", "--platform", "linux/arm64", f"{registry.host}/list:1")
+    assert agent.ok("image", "inspect", "-f", "{{.Architecture}}", f"{registry.host}/list:1").strip() == "arm64"
+    # pinned by digest: the list digest resolves to the platform's image
+    list_digest = agent.ok("image", "inspect", "-f", "{{index .RepoDigests 0}}", f"{registry.host}/list:1").strip()
+    assert "@sha256:" in list_digest
+    assert image_id(agent, list_digest) == image_id(agent, f"{registry.host}/list:1")
+    agent.ok("rmi", f"{registry.host}/v2s2:1", f"{registry.host}/list:1")
+
+
+def test_prune_dangling_and_all(fresh_agent: AgentProcess, registry: Registry) -> None:
+    agent = fresh_agent
+    agent.ok("pull", "-q", f"{registry.host}/busybox:1")
+    agent.ok("pull", "-q", f"{registry.host}/zstd:1")
+    agent.ok("tag", f"{registry.host}/zstd:1", f"{registry.host}/busybox:1")  # busybox's image is now dangling
+    dangling = agent.ok("images", "--filter", "dangling=true", "-q").split()
+    assert len(dangling) == 1
+    assert "<none>" in agent.ok("images")
+    out = agent.ok("image", "prune", "-f")
+    assert "deleted: sha256:" + dangling[0] in out or dangling[0] in out
+    assert "Total reclaimed space:" in out
+    assert len(agent.ok("images", "-q").split()) == 1
+    res = agent.cli("image", "prune", "-a", input=b"n\n")
+    assert res.code != 0 and "cancelled" in res.err
+    assert len(agent.ok("images", "-q").split()) == 1
+    agent.ok("image", "prune", "-a", input=b"y\n")
+    assert agent.ok("images", "-q").strip() == ""
+    assert not blobs(agent) and not snapshot_dirs(agent)
