@@ -89,6 +89,14 @@ def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Ca
     return handler
 
 
+_KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler], Callable[..., Any]], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, _wrap_unary),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, _wrap_unary),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, _wrap_stream),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, _wrap_stream),
+)
+
+
 class RpcInterceptor(aio.ServerInterceptor):
     async def intercept_service(
         self,
@@ -99,20 +107,8 @@ class RpcInterceptor(aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith("/grpc.health."):
             return handler
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
-                handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, handler.stream_unary),
-                handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),
-                handler.request_deserializer, handler.response_serializer)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(method, handler.stream_stream),
-                handler.request_deserializer, handler.response_serializer)
+        for attr, factory, wrap in _KINDS:
+            behavior = getattr(handler, attr)
+            if behavior is not None:
+                return factory(wrap(method, behavior), handler.request_deserializer, handler.response_serializer)
         return handler

@@ -77,7 +77,7 @@ def history(store: ImageStore, record: ImageRecord) -> list[dict[str, Any]]:
             layer_index += 1
         entries.append({
             "Id": _EMPTY_LAYER,
-            "Created": _created(str(item.get("created", ""))),
+            "Created": mf.parse_timestamp(str(item.get("created", ""))),
             "CreatedBy": str(item.get("created_by", "")),
             "Size": size,
             "Comment": str(item.get("comment", "")),
@@ -88,12 +88,3 @@ def history(store: ImageStore, record: ImageRecord) -> list[dict[str, Any]]:
         entries[0]["Id"] = record.id
         entries[0]["Tags"] = [display_ref(t) for t in record.tags]
     return entries
-
-
-def _created(text: str) -> int:
-    if not text:
-        return 0
-    try:
-        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        return 0

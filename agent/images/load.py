@@ -9,7 +9,6 @@ from pathlib import Path
 from agent.errors import ArchiveError
 from agent.images import manifest as mf
 from agent.images.archive import ArchiveReader, LoadedImage, import_layer, read_images
-from agent.images.pull import parse_created
 from agent.images.store import ImageRecord, ImageStore, LayerRecord
 from agent.images.unpacker import Unpacker
 
@@ -61,7 +60,7 @@ async def _load_one(store: ImageStore, unpacker: Unpacker, reader: ArchiveReader
         manifest_digest = await asyncio.to_thread(content.write_bytes, manifest)
         record = ImageRecord(
             id=config_digest, manifest_digest=manifest_digest, manifest_media_type=mf.OCI_MANIFEST,
-            config_digest=config_digest, created=parse_created(config.created), size=sum(sizes),
+            config_digest=config_digest, created=mf.parse_timestamp(config.created), size=sum(sizes),
             os=config.os, architecture=config.architecture, variant=config.variant,
             top_chain_id=chains[-1] if chains else "",
         )

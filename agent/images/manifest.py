@@ -6,10 +6,12 @@ import hashlib
 import json
 import platform as _platform
 import re
+from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import InvalidArgument, NoMatchingPlatform, UnsupportedMediaType
+from agent.images.layerstream import MEDIA_TYPES
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -24,18 +26,7 @@ MANIFEST_TYPES = (DOCKER_MANIFEST, OCI_MANIFEST)
 INDEX_TYPES = (DOCKER_LIST, OCI_INDEX)
 ACCEPT = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
 
-LAYER_TYPES = {
-    "application/vnd.oci.image.layer.v1.tar": "none",
-    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar": "none",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
-    "application/vnd.docker.image.rootfs.diff.tar": "none",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
-    "application/vnd.docker.image.rootfs.diff.tar.zstd": "zstd",
-}
+LAYER_TYPES = MEDIA_TYPES  # what the unpacker accepts is what a manifest may list
 
 MAX_LAYERS = 1000
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -231,6 +222,16 @@ def parse_config(data: bytes) -> ImageConfig:
     if not isinstance(diff_ids, list) or not all(isinstance(d, str) and _DIGEST.fullmatch(d) for d in diff_ids):
         raise InvalidArgument("image config has malformed rootfs.diff_ids")
     return ImageConfig(doc, list(diff_ids))
+
+
+def parse_timestamp(text: str) -> int:
+    """An RFC 3339 ``created`` time as unix seconds; 0 when absent or malformed."""
+    if not text:
+        return 0
+    try:
+        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:

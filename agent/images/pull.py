@@ -15,7 +15,6 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import httpx
@@ -58,15 +57,6 @@ Progress = Callable[[PullEvent], None]
 
 def short(digest: str) -> str:
     return digest.removeprefix("sha256:")[:12]
-
-
-def parse_created(text: str) -> int:
-    if not text:
-        return 0
-    try:
-        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        return 0
 
 
 class Puller:
@@ -146,7 +136,7 @@ class Puller:
             sizes = await asyncio.gather(*layer_jobs)
             record = ImageRecord(
                 id=manifest.config.digest, manifest_digest=manifest_digest, manifest_media_type=manifest_type,
-                config_digest=manifest.config.digest, created=parse_created(config.created),
+                config_digest=manifest.config.digest, created=mf.parse_timestamp(config.created),
                 size=sum(sizes), os=config.os, architecture=config.architecture, variant=config.variant,
                 top_chain_id=chains[-1] if chains else "",
             )
