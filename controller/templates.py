@@ -390,7 +390,8 @@ class Template:
               piped: tuple[Any] | None) -> Any:
         if head.name in ("and", "or"):
             nodes = list(arg_nodes)
-            values = [lambda n=n: self._operand(n, dot, scope) for n in nodes]
+            values: list[Callable[[], Any]] = [
+                lambda n=n: self._operand(n, dot, scope) for n in nodes]  # type: ignore[misc]
             if piped is not None:
                 values.append(lambda: piped[0])
             if not values:

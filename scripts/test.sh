@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/ruff check --select F,E9 agent controller tests bench scripts
+.venv/bin/mypy agent controller
 exec .venv/bin/python -m pytest -q -ra tests "$@"

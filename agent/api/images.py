@@ -76,7 +76,7 @@ class ImagesService(images_pb2_grpc.ImagesServicer):
                    context: aio.ServicerContext) -> images_pb2.ListImagesResponse:
         filters = parse_filters(request.filters)
         out = []
-        for record in self.daemon.images.list():
+        for record in self.daemon.images.records():
             labels = _labels(self.daemon, record)
             if match_filters(record, filters, labels):
                 record.tags = matching_tags(record, filters)

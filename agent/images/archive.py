@@ -119,7 +119,7 @@ def write_archive(store: ImageStore, names: list[str], out: IO[bytes], spool_dir
             config = store.content.read_bytes(record.config_digest, MAX_JSON)
             blob(record.config_digest, config)
             layers = store.layers(record.id)
-            descriptors = []
+            descriptors: list[dict[str, Any]] = []
             for layer in layers:
                 path = _spool_layer(store.content, layer.digest, layer.media_type, layer.diff_id, spool_dir)
                 try:

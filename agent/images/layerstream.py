@@ -7,19 +7,22 @@ stream raises :class:`DataCorruption` rather than ending early.
 
 from __future__ import annotations
 
+import types
 import zlib
 from collections.abc import Generator, Iterator
 from typing import BinaryIO, Literal
 
 import zstandard
 
+_inflate_mod: types.ModuleType = zlib
+_INFLATE_ERRORS: tuple[type[BaseException], ...] = (zlib.error,)
 try:  # ISA-L's inflate is 2-3x faster than zlib's on x86-64 and arm64; same API and output
-    from isal import isal_zlib as _inflate_mod
+    from isal import isal_zlib
 
-    _INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error, _inflate_mod.error)
+    _inflate_mod = isal_zlib
+    _INFLATE_ERRORS = (zlib.error, isal_zlib.IsalError)  # type: ignore[assignment]
 except ImportError:  # pragma: no cover - a platform without isal wheels
-    _inflate_mod = zlib  # type: ignore[no-redef]
-    _INFLATE_ERRORS = (zlib.error,)
+    pass
 
 from agent.errors import DataCorruption, UnsupportedMediaType
 

@@ -104,7 +104,7 @@ class ImageStore:
             tags=tags, repo_digests=digests,
         )
 
-    def list(self) -> list[ImageRecord]:
+    def records(self) -> list[ImageRecord]:
         rows = self.db.query("SELECT * FROM images ORDER BY created DESC, id")
         return [self._record(r) for r in rows]
 
@@ -244,7 +244,7 @@ class ImageStore:
     def prune(self, *, all_images: bool = False, filters: dict[str, list[str]] | None = None) -> RemoveResult:
         """Remove dangling images (no tags), or with ``all_images`` every image no container uses."""
         result = RemoveResult()
-        for record in self.list():
+        for record in self.records():
             if record.tags and not all_images:
                 continue
             if not match_filters(record, filters or {}):

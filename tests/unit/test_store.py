@@ -94,7 +94,7 @@ def test_retag_leaves_dangling_and_prune(store: ImageStore) -> None:
     dangling = store.get(old.id)
     assert dangling is not None and dangling.tags == []
     flt = parse_filters(["dangling=true"])
-    assert [r.id for r in store.list() if match_filters(r, flt)] == [old.id]
+    assert [r.id for r in store.records() if match_filters(r, flt)] == [old.id]
     result = store.prune()
     assert result.deleted == [old.id]
     assert store.get(new.id) is not None
@@ -104,7 +104,7 @@ def test_retag_leaves_dangling_and_prune(store: ImageStore) -> None:
 def test_reference_filter(store: ImageStore) -> None:
     add_image(store, "busybox:1", [b"x"])
     add_image(store, "alpine:3", [b"y"])
-    names = lambda f: sorted(r.tags[0] for r in store.list() if match_filters(r, parse_filters([f])))  # noqa: E731
+    names = lambda f: sorted(r.tags[0] for r in store.records() if match_filters(r, parse_filters([f])))  # noqa: E731
     assert names("reference=busybox") == ["docker.io/library/busybox:1"]
     assert names("reference=*:3") == ["docker.io/library/alpine:3"]
     with pytest.raises(InvalidArgument):
