@@ -134,8 +134,15 @@ def snapshot(root: Path) -> list[tuple[str, int, int, bytes]]:
     return sorted(out)
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def open_fds() -> set[str]:
+    """Open fd numbers with what they point at (other tests' fds may close meanwhile)."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.add(f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            pass
+    return out
 
 
 @pytest.fixture
@@ -494,8 +501,8 @@ def test_hostile_layers_refused_nothing_outside(
     assert f"layer {blob}: entry {refused!r}" in str(raised.value)
     assert snapshot(outside) == before
     assert sorted(os.listdir(tmp_path)) == names
-    assert open_fds() == fds
-    assert threading.active_count() == threads
+    assert open_fds() <= fds
+    assert threading.active_count() <= threads
 
 
 def test_absolute_names_are_confined(dest: Path, outside: Path, blob: Path) -> None:
@@ -514,7 +521,7 @@ def test_max_size(dest: Path, outside: Path, blob: Path) -> None:
     with pytest.raises(TooLarge, match="'b'"):
         apply_layer(str(blob), OCI_GZ, str(dest), max_size=10)
     assert snapshot(outside) == before
-    assert open_fds() == fds
+    assert open_fds() <= fds
     assert apply_layer(str(blob), OCI_GZ, str(dest), max_size=12).size == 12
 
 
@@ -565,8 +572,8 @@ def test_broken_blobs_are_data_corruption(case: str, dest: Path, blob: Path) -> 
         apply_layer(str(blob), media_type, str(dest))
 
     assert str(blob) in str(raised.value)
-    assert open_fds() == fds
-    assert threading.active_count() == threads
+    assert open_fds() <= fds
+    assert threading.active_count() <= threads
 
 
 def test_unknown_media_type(dest: Path, blob: Path) -> None:
