@@ -25,6 +25,7 @@ from typing import IO, Any
 from agent.errors import ArchiveError, DigestMismatch, InvalidReference, TooLarge
 from agent.images import manifest as mf
 from agent.images.content import ContentStore, split_digest
+from agent.images.layerstream import decompressed_chunks
 from agent.images.reference import Reference, parse
 from agent.images.store import ImageRecord, ImageStore, display_ref
 
@@ -72,8 +73,6 @@ def _add_dir(tar: tarfile.TarFile, name: str) -> None:
 
 def _spool_layer(content: ContentStore, digest: str, media_type: str, diff_id: str, spool_dir: Path) -> Path:
     """Decompress one stored layer blob to a temp file, checking it against its diff_id."""
-    from agent.images.unpack import decompressed_chunks  # type: ignore[attr-defined]
-
     fd, name = tempfile.mkstemp(prefix="layer-", dir=spool_dir)
     hasher = hashlib.sha256()
     with os.fdopen(fd, "wb") as out:
