@@ -77,6 +77,7 @@ class Daemon:
             shutil.rmtree(tmp, ignore_errors=True)
         for leftover in [*self.content.ingest_dir.glob("load-*"), *self.content.ingest_dir.glob("*.tmp")]:
             leftover.unlink(missing_ok=True)
+        # Verified blobs of a pull cut short stay: the next pull reuses them.
         return {"snapshots_removed": self.snapshots.recover()}
 
     def warm_up(self) -> None:

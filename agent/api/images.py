@@ -12,7 +12,7 @@ import structlog
 from grpc import aio
 
 from agent.daemon import Daemon
-from agent.errors import InvalidArgument, TooLarge
+from agent.errors import InvalidArgument, SkiffError, TooLarge
 from agent.images import archive
 from agent.images import inspect as inspect_mod
 from agent.images import manifest as mf
@@ -65,12 +65,15 @@ class ImagesService(images_pb2_grpc.ImagesServicer):
                     id=event.id, status=event.status, current=event.current, total=event.total,
                     digest=event.digest, reference=event.reference, image_id=event.image_id)
             await task
-        except BaseException:
+        except SkiffError:
+            # A refused pull keeps nothing it fetched; an interrupted one (below) keeps
+            # its verified blobs and partial downloads for the next attempt.
+            await asyncio.to_thread(self.daemon.images.gc)
+            raise
+        finally:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-            await asyncio.to_thread(self.daemon.images.gc)
-            raise
 
     async def List(self, request: images_pb2.ListImagesRequest,
                    context: aio.ServicerContext) -> images_pb2.ListImagesResponse:

@@ -174,10 +174,11 @@ class ArchiveReader:
     def __init__(self, path: Path) -> None:
         try:
             self.tar = tarfile.open(path, mode="r:")
+            members = self.tar.getmembers()
         except (tarfile.TarError, OSError) as exc:
-            raise ArchiveError(f"not a tar archive: {exc}") from exc
+            raise ArchiveError(f"not a tar archive, or a truncated one: {exc}") from exc
         self.members: dict[str, tarfile.TarInfo] = {}
-        for member in self.tar.getmembers():
+        for member in members:
             name = os.path.normpath(member.name).lstrip("/")
             if member.isreg():
                 self.members[name] = member

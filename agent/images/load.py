@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tarfile
 from pathlib import Path
 
 from agent.errors import ArchiveError
 from agent.images import manifest as mf
 from agent.images.archive import ArchiveReader, LoadedImage, import_layer, read_images
 from agent.images.store import ImageRecord, ImageStore, LayerRecord
-from agent.images.unpacker import Unpacker
+from agent.images.unpacker import Unpacker, settle
 
 
 async def load_archive(store: ImageStore, unpacker: Unpacker, path: Path, platform: mf.Platform) -> list[str]:
@@ -24,6 +25,8 @@ async def load_archive(store: ImageStore, unpacker: Unpacker, path: Path, platfo
         for image in images:
             lines.extend(await _load_one(store, unpacker, reader, image))
         return lines
+    except (tarfile.TarError, EOFError) as exc:
+        raise ArchiveError(f"archive is corrupt or truncated: {exc}") from exc
     finally:
         reader.close()
 
@@ -51,7 +54,7 @@ async def _load_one(store: ImageStore, unpacker: Unpacker, reader: ArchiveReader
             layers.append(LayerRecord(chains[i], config.diff_ids[i], digest, media_type))
             descriptors.append({"mediaType": media_type, "digest": digest, "size": size})
             jobs.append(unpacker.ensure(chains[i], chains[i - 1] if i else "", config.diff_ids[i], digest, media_type))
-        sizes = await asyncio.gather(*jobs)
+        sizes = await settle(jobs)
         manifest = json.dumps({
             "schemaVersion": 2, "mediaType": mf.OCI_MANIFEST,
             "config": {"mediaType": mf.OCI_CONFIG, "digest": config_digest, "size": len(image.config)},

@@ -34,7 +34,7 @@ from agent.images.reference import Reference
 from agent.images.registry import RegistryClient, RegistryConfig
 from agent.images.snapshots import OverlaySnapshotter
 from agent.images.store import ImageRecord, ImageStore, LayerRecord
-from agent.images.unpacker import Singleflight, Unpacker
+from agent.images.unpacker import Singleflight, Unpacker, settle
 
 WRITE_CHUNK = 1 << 20
 
@@ -133,7 +133,7 @@ class Puller:
             for i, layer in enumerate(manifest.layers):
                 parent = chains[i - 1] if i else ""
                 layer_jobs.append(self._layer(client, repo, layer, chains[i], parent, config.diff_ids[i], progress))
-            sizes = await asyncio.gather(*layer_jobs)
+            sizes = await settle(layer_jobs)
             record = ImageRecord(
                 id=manifest.config.digest, manifest_digest=manifest_digest, manifest_media_type=manifest_type,
                 config_digest=manifest.config.digest, created=mf.parse_timestamp(config.created),

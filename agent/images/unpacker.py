@@ -36,6 +36,19 @@ class Singleflight:
         return await asyncio.shield(task)
 
 
+async def settle(jobs: list[Awaitable[T]]) -> list[T]:
+    """Await every job; raise the first failure only once all have finished.
+
+    A failed layer must not leave siblings still downloading or unpacking
+    after the caller's cleanup has run (they would commit orphans).
+    """
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
+
+
 class Unpacker:
     def __init__(self, content: ContentStore, snapshots: OverlaySnapshotter, executor: Executor) -> None:
         self.content = content

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import os
 import json
 import sys
 import time
@@ -290,7 +291,6 @@ def save(ctx: Context, images_: tuple[str, ...], output: str | None) -> None:
         raise UsageError("cowardly refusing to save to a terminal. Use the -o flag or redirect")
 
     async def go(agent: Agent) -> None:
-        import os
         import tempfile
 
         if output is None:
@@ -314,7 +314,7 @@ def save(ctx: Context, images_: tuple[str, ...], output: str | None) -> None:
 
 
 @click.command()
-@click.option("-i", "--input", "input_", type=click.Path(exists=True, dir_okay=False),
+@click.option("-i", "--input", "input_", type=click.Path(dir_okay=False),
               help="Read from tar archive file, instead of STDIN.")
 @click.option("-q", "--quiet", is_flag=True, help="Suppress the load output.")
 @pass_ctx
@@ -322,6 +322,8 @@ def load(ctx: Context, input_: str | None, quiet: bool) -> None:
     """Load images from a tar archive (docker-archive or OCI layout) or STDIN."""
     if input_ is None and sys.stdin.isatty():
         raise UsageError("requested load from stdin, but stdin is empty")
+    if input_ is not None and not os.path.isfile(input_):
+        raise UsageError(f"open {input_}: no such file")
 
     async def chunks() -> Any:
         fh = open(input_, "rb") if input_ else sys.stdin.buffer
