@@ -179,6 +179,12 @@ def test_save_is_loaded_by_podman(agent: AgentProcess, pulled: dict[str, str], t
     skiff_id = image_id(agent, ref)
     assert doc["Id"] == skiff_id.removeprefix("sha256:")
     assert doc["RootFS"]["Layers"] == layers_of(agent, ref)
+    # skopeo reads the same file both as a docker-archive and as an OCI layout archive
+    for transport in ("docker-archive", "oci-archive"):
+        raw = subprocess.run(["skopeo", "inspect", "--config", f"{transport}:{out}"], capture_output=True,
+                             text=True, timeout=60, env=ociimage.skopeo_env())
+        assert raw.returncode == 0, raw.stderr
+        assert json.loads(raw.stdout)["rootfs"]["diff_ids"] == layers_of(agent, ref)
 
 
 def test_load_skopeo_docker_archive(agent: AgentProcess, skopeo_archive: Path,

@@ -247,3 +247,15 @@ def test_prune_dangling_and_all(fresh_agent: AgentProcess, registry: Registry) -
     agent.ok("image", "prune", "-a", input=b"y\n")
     assert agent.ok("images", "-q").strip() == ""
     assert not blobs(agent) and not snapshot_dirs(agent)
+
+
+def test_shared_layer_unpacked_once_across_images(fresh_agent: AgentProcess, registry: Registry) -> None:
+    agent = fresh_agent
+    agent.ok("pull", f"{registry.host}/busybox:1")
+    out = agent.ok("pull", f"{registry.host}/zstd:1")  # same busybox base layer, plus a zstd layer
+    assert "Already exists" in out
+    assert len(snapshot_dirs(agent)) == 2
+    agent.ok("rmi", f"{registry.host}/busybox:1")
+    assert len(snapshot_dirs(agent)) == 2  # still used by zstd:1
+    agent.ok("rmi", f"{registry.host}/zstd:1")
+    assert not snapshot_dirs(agent) and not blobs(agent)
