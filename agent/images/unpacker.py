@@ -9,7 +9,7 @@ the config's diff_id; otherwise the snapshot is removed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -36,7 +36,7 @@ class Singleflight:
         return await asyncio.shield(task)
 
 
-async def settle(jobs: list[Awaitable[T]]) -> list[T]:
+async def settle(jobs: Sequence[Awaitable[T]]) -> list[T]:
     """Await every job; raise the first failure only once all have finished.
 
     A failed layer must not leave siblings still downloading or unpacking

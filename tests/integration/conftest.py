@@ -57,10 +57,8 @@ REGISTRY_IMAGES: dict[str, tuple[str, bool]] = {
 
 
 def missing_requirements() -> list[str]:
-    """Why integration tests cannot run here (empty when they can)."""
+    """Why the registry-backed tests cannot run here (empty when they can)."""
     missing: list[str] = []
-    if os.geteuid() != 0:
-        missing.append("not running as root")
     if not os.access(DOCKER_REGISTRY, os.X_OK):
         missing.append(f"{DOCKER_REGISTRY} missing (apt-get install docker-registry)")
     if shutil.which("skopeo") is None:
@@ -76,14 +74,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session", autouse=True)
 def _integration_requirements() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("integration tests need root (real namespaces, mounts, cgroups)")
+
+
+def _need_registry_tools() -> None:
     missing = missing_requirements()
     if missing:
-        pytest.skip("integration tests need root, docker-registry and skopeo: "
-                    + "; ".join(missing))
+        pytest.skip("needs docker-registry and skopeo: " + "; ".join(missing))
 
 
 @pytest.fixture(scope="session")
 def oci_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _need_registry_tools()
     path = tmp_path_factory.mktemp("oci-layout")
     ociimage.build_all(path)
     return path
@@ -91,6 +94,7 @@ def oci_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def oci_layout_big(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _need_registry_tools()
     path = tmp_path_factory.mktemp("oci-layout-big")
     ociimage.build_big(path)
     return path

@@ -1,0 +1,1 @@
+"""The built-in container runtime: syscalls, mounts, namespaces, capabilities."""
