@@ -97,6 +97,7 @@ async def serve(config: DaemonConfig, ready: asyncio.Event | None = None) -> Non
         await server.stop(config.shutdown_timeout)
     finally:
         await server.stop(0)
+        await daemon.puller.aclose()
         for path in sockets:
             try:
                 path.unlink()

@@ -12,7 +12,6 @@ import click
 
 from controller.client import Agent, connect
 from controller.errors import UsageError
-from controller.templates import Template, format_rows, parse_table_format, tabwrite
 
 T = TypeVar("T")
 
@@ -45,6 +44,8 @@ def print_json_docs(docs: Sequence[Any]) -> None:
 
 
 def print_template_docs(fmt: str, docs: Sequence[Any]) -> None:
+    from controller.templates import Template
+
     template = Template(fmt)
     for doc in docs:
         click.echo(template.execute(doc))
@@ -53,13 +54,11 @@ def print_template_docs(fmt: str, docs: Sequence[Any]) -> None:
 def print_table(rows: Sequence[dict[str, Any]], default_format: str, fmt: str | None,
                 headers: dict[str, str] | None = None) -> None:
     """List output: docker's default table, or the user's ``--format`` (with or without ``table``)."""
-    text = fmt or default_format
-    if not fmt or parse_table_format(text)[0]:
-        out = format_rows(text, rows, headers)
-    else:
-        out = format_rows(text, rows, headers)
+    from controller.templates import format_rows
+
+    out = format_rows(fmt or default_format, rows, headers)
     if out:
         click.echo(out)
 
 
-__all__ = ["Context", "pass_ctx", "run", "print_json_docs", "print_template_docs", "print_table", "tabwrite"]
+__all__ = ["Context", "pass_ctx", "run", "print_json_docs", "print_template_docs", "print_table"]

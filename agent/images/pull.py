@@ -28,7 +28,7 @@ from agent.errors import (
     Unavailable,
 )
 from agent.images import manifest as mf
-from agent.images.auth import CredentialStore
+from agent.images.auth import Credentials, CredentialStore
 from agent.images.content import ContentStore
 from agent.images.reference import Reference
 from agent.images.registry import RegistryClient, RegistryConfig
@@ -83,17 +83,31 @@ class Puller:
         self.download_retries = download_retries
         self.max_layer_size = max_layer_size
         self._blobs = Singleflight()
+        self._clients: dict[str, tuple[RegistryClient, Credentials | None]] = {}
+        self._retired: list[RegistryClient] = []
 
     def client(self, host: str) -> RegistryClient:
-        return RegistryClient(host, self.registry_config, self.credentials.get(host),
-                              transport=self.transport)
+        """One client per registry, reused across pulls (its TLS context, scheme and tokens)
+        until the credentials for that registry change."""
+        creds = self.credentials.get(host)
+        cached = self._clients.get(host)
+        if cached is not None and cached[1] == creds:
+            return cached[0]
+        client = RegistryClient(host, self.registry_config, creds, transport=self.transport)
+        self._clients[host] = (client, creds)
+        if cached is not None:
+            self._retired.append(cached[0])
+        return client
+
+    async def aclose(self) -> None:
+        clients = [c for c, _ in self._clients.values()] + self._retired
+        self._clients.clear()
+        self._retired = []
+        for client in clients:
+            await client.aclose()
 
     async def pull(self, ref: Reference, platform: mf.Platform, progress: Progress) -> ImageRecord:
-        client = self.client(ref.domain)
-        try:
-            return await self._pull(client, ref, platform, progress)
-        finally:
-            await client.aclose()
+        return await self._pull(self.client(ref.domain), ref, platform, progress)
 
     async def _pull(self, client: RegistryClient, ref: Reference, platform: mf.Platform,
                     progress: Progress) -> ImageRecord:
