@@ -71,6 +71,7 @@ class Puller:
         transport: httpx.AsyncBaseTransport | None = None,
         download_retries: int = 5,
         max_layer_size: int = 64 << 30,
+        stream_unpack: bool = True,
     ) -> None:
         self.store = store
         self.content: ContentStore = store.content
@@ -82,6 +83,7 @@ class Puller:
         self.transport = transport
         self.download_retries = download_retries
         self.max_layer_size = max_layer_size
+        self.stream_unpack = stream_unpack
         self._blobs = Singleflight()
         self._clients: dict[str, tuple[RegistryClient, Credentials | None]] = {}
         self._retired: list[RegistryClient] = []
@@ -206,15 +208,41 @@ class Puller:
             return snap.size
         progress(PullEvent(id=short(desc.digest), status="Pulling fs layer"))
 
-        await self._blobs.do(desc.digest, lambda: self._download(client, repo, desc, progress))
-        if self.snapshots.get(chain_id) is None:
-            progress(PullEvent(id=short(desc.digest), status="Extracting", total=desc.size))
-        size = await self.unpacker.ensure(chain_id, parent, diff_id, desc.digest, desc.media_type)
+        started = asyncio.Event()
+        download = asyncio.ensure_future(
+            self._blobs.do(desc.digest, lambda: self._download(client, repo, desc, progress, started)))
+        try:
+            size = await self._unpack_layer(desc, chain_id, parent, diff_id, download, started, progress)
+        finally:
+            if not download.done():
+                download.cancel()
+            await asyncio.gather(download, return_exceptions=True)
         progress(PullEvent(id=short(desc.digest), status="Pull complete"))
         return size
 
+    async def _unpack_layer(self, desc: mf.Descriptor, chain_id: str, parent: str, diff_id: str,
+                            download: asyncio.Future[None], started: asyncio.Event, progress: Progress) -> int:
+        """Unpack as the bytes arrive when this pull is the one downloading; else from the stored blob."""
+        if self.stream_unpack:
+            waiter: asyncio.Future[Any] = asyncio.ensure_future(started.wait())
+            either: set[asyncio.Future[Any]] = {download, waiter}
+            try:
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+        if self.stream_unpack and started.is_set() and not download.done():
+            if self.snapshots.get(chain_id) is None:
+                progress(PullEvent(id=short(desc.digest), status="Extracting", total=desc.size))
+            partial = self.content.ingest_dir / f"{desc.digest.removeprefix('sha256:')}.partial"
+            return await self.unpacker.stream(chain_id, parent, diff_id, desc.digest, desc.media_type,
+                                              partial, desc.size, download)
+        await download
+        if self.snapshots.get(chain_id) is None:
+            progress(PullEvent(id=short(desc.digest), status="Extracting", total=desc.size))
+        return await self.unpacker.ensure(chain_id, parent, diff_id, desc.digest, desc.media_type)
+
     async def _download(self, client: RegistryClient, repo: str, desc: mf.Descriptor,
-                        progress: Progress) -> None:
+                        progress: Progress, started: asyncio.Event | None = None) -> None:
         if self.content.has(desc.digest):
             if self.content.size(desc.digest) == desc.size:
                 progress(PullEvent(id=short(desc.digest), status="Download complete"))
@@ -225,7 +253,7 @@ class Puller:
             for attempt in range(self.download_retries + 1):
                 writer = await asyncio.to_thread(self.content.writer, desc.digest, desc.size)
                 try:
-                    await self._fetch_into(client, repo, desc, writer, progress)
+                    await self._fetch_into(client, repo, desc, writer, progress, started)
                     progress(PullEvent(id=lid, status="Verifying Checksum"))
                     await asyncio.to_thread(writer.commit)
                     progress(PullEvent(id=lid, status="Download complete"))
@@ -243,13 +271,15 @@ class Puller:
                     writer.discard() if writer.offset == 0 else writer.close()  # empty: nothing to resume
 
     async def _fetch_into(self, client: RegistryClient, repo: str, desc: mf.Descriptor,
-                          writer: Any, progress: Progress) -> None:
+                          writer: Any, progress: Progress, started: asyncio.Event | None = None) -> None:
         lid = short(desc.digest)
         if writer.offset >= desc.size and desc.size > 0:
             return
         async with client.open_blob(repo, desc.digest, writer.offset) as stream:
             if stream.start != writer.offset:
                 writer.restart()
+            if started is not None:
+                started.set()  # the partial file exists and grows from here: unpacking may follow it
             buf = bytearray()
             last = 0.0
             async for chunk in stream.chunks():

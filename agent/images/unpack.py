@@ -25,10 +25,11 @@ import tarfile
 import threading
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import NoReturn, Self
+from typing import Any, NoReturn, Self
 
 
 from agent.errors import DataCorruption, TooLarge, UnsafeLayer
+from agent.images.follow import GrowingFile
 from agent.images.layerstream import MEDIA_TYPES, compression_of, decompress
 
 __all__ = ["LayerStats", "apply_layer", "MEDIA_TYPES"]
@@ -70,7 +71,8 @@ class LayerStats:
 
 
 def apply_layer(
-    blob_path: str, media_type: str, dest: str, *, max_size: int = 64 << 30
+    blob_path: str, media_type: str, dest: str, *, max_size: int = 64 << 30,
+    follow_size: int | None = None, abort_path: str | None = None, done_path: str | None = None,
 ) -> LayerStats:
     """Unpack the layer blob at ``blob_path`` into the empty directory ``dest``.
 
@@ -80,9 +82,15 @@ def apply_layer(
     and :class:`TooLarge` (regular files above ``max_size`` bytes); an
     OSError from the filesystem propagates with a note naming the entry.  It
     does not check the diff_id, nor clean ``dest`` on failure: the caller does.
+
+    With ``follow_size`` the blob is still being downloaded: it is read as it
+    grows, up to that many bytes, until ``abort_path`` appears; ``done_path``
+    is where it lands once complete.
     """
     compression_of(media_type, blob_path)
-    with open(blob_path, "rb", buffering=0) as raw, _Extractor(dest, max_size) as extractor:
+    raw: Any = (open(blob_path, "rb", buffering=0) if follow_size is None
+                else GrowingFile(blob_path, follow_size, abort_path or blob_path + ".abort", done_path=done_path))
+    with raw, _Extractor(dest, max_size) as extractor:
         with _LayerStream(decompress(raw, media_type, blob_path)) as stream:
             _extract_tar(stream, extractor, blob_path)
             stream.drain(_MAX_TRAILER, blob_path)

@@ -9,12 +9,15 @@ the config's diff_id; otherwise the snapshot is removed.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.errors import DigestMismatch
 from agent.images.content import ContentStore
+from agent.images.follow import StreamRestarted
 from agent.images.snapshots import OverlaySnapshotter
 from agent.images.unpack import LayerStats, apply_layer
 
@@ -63,6 +66,55 @@ class Unpacker:
             return existing.size
         return await self._flights.do(
             chain_id, lambda: self._unpack(chain_id, parent, diff_id, blob_digest, media_type))
+
+    async def stream(self, chain_id: str, parent: str, diff_id: str, blob_digest: str, media_type: str,
+                     partial_path: Path, size: int, download: asyncio.Future[Any]) -> int:
+        """Unpack while ``download`` is still writing ``partial_path``; commit only once both succeed."""
+        existing = self.snapshots.get(chain_id)
+        if existing is not None:
+            return existing.size
+        return await self._flights.do(chain_id, lambda: self._stream(
+            chain_id, parent, diff_id, blob_digest, media_type, partial_path, size, download))
+
+    async def _stream(self, chain_id: str, parent: str, diff_id: str, blob_digest: str, media_type: str,
+                      partial_path: Path, size: int, download: asyncio.Future[Any]) -> int:
+        existing = self.snapshots.get(chain_id)
+        if existing is not None:
+            return existing.size
+        snap = self.snapshots.begin_layer(chain_id, parent, diff_id)
+        abort = snap.path / "abort"
+        loop = asyncio.get_running_loop()
+        worker = loop.run_in_executor(self.executor, functools.partial(
+            apply_layer, str(partial_path), media_type, str(snap.path / "fs"),
+            follow_size=size, abort_path=str(abort), done_path=str(self.content.path(blob_digest))))
+        try:
+            pending: set[asyncio.Future[Any]] = {download, worker}
+            await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            if download.done() and download.exception() is not None:
+                abort.touch()
+            outcome: tuple[Any, Any] = await asyncio.gather(download, worker, return_exceptions=True)
+            fetched: Any = outcome[0]
+            stats: Any = outcome[1]
+            if isinstance(fetched, BaseException):
+                raise fetched
+            if isinstance(stats, StreamRestarted):
+                await asyncio.to_thread(self.snapshots.abort, snap)
+                return await self._unpack(chain_id, parent, diff_id, blob_digest, media_type)
+            if isinstance(stats, BaseException):
+                raise stats
+            if stats.diff_id != diff_id:
+                raise DigestMismatch(
+                    f"layer {blob_digest}: unpacked content hashes to {stats.diff_id},"
+                    f" but the image config says {diff_id}")
+        except BaseException:
+            abort.touch() if snap.path.exists() else None
+            if not worker.done():  # cancelled: clean up once the worker has noticed the abort
+                worker.add_done_callback(lambda _f: self.snapshots.abort(snap))
+            else:
+                await asyncio.to_thread(self.snapshots.abort, snap)
+            raise
+        self.snapshots.commit(snap, stats.size)
+        return stats.size
 
     async def _unpack(self, chain_id: str, parent: str, diff_id: str, blob_digest: str, media_type: str) -> int:
         existing = self.snapshots.get(chain_id)
