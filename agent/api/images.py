@@ -21,7 +21,7 @@ from agent.images.load import load_archive
 from agent.images.pull import PullEvent
 from agent.images.reference import DEFAULT_DOMAIN, parse
 from agent.images.registry import RegistryClient
-from agent.images.store import ImageRecord, match_filters, matching_tags, parse_filters
+from agent.images.store import ImageRecord, display_ref, match_filters, matching_tags, parse_filters
 from skiff.v1 import images_pb2, images_pb2_grpc
 
 log = structlog.get_logger("skiffd.images")
@@ -38,9 +38,7 @@ def _labels(daemon: Daemon, record: ImageRecord) -> dict[str, str]:
     return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
 
 
-def _summary(daemon: Daemon, record: ImageRecord, labels: dict[str, str]) -> images_pb2.ImageSummary:
-    from agent.images.store import display_ref
-
+def _summary(record: ImageRecord, labels: dict[str, str]) -> images_pb2.ImageSummary:
     return images_pb2.ImageSummary(
         id=record.id, repo_tags=[display_ref(t) for t in record.tags],
         repo_digests=[display_ref(d) for d in record.repo_digests], created=record.created,
@@ -83,7 +81,7 @@ class ImagesService(images_pb2_grpc.ImagesServicer):
             labels = _labels(self.daemon, record)
             if match_filters(record, filters, labels):
                 record.tags = matching_tags(record, filters)
-                out.append(_summary(self.daemon, record, labels))
+                out.append(_summary(record, labels))
         return images_pb2.ListImagesResponse(images=out)
 
     async def Inspect(self, request: images_pb2.InspectImageRequest,

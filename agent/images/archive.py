@@ -13,6 +13,7 @@ gzip or zstd) or a plain OCI-layout tar.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tarfile
@@ -48,19 +49,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.size = len(data)
     info.mtime = 0
     info.mode = 0o644
-    tar.addfile(info, _BytesReader(data))
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self._view = memoryview(data)
-        self._pos = 0
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self._view) if size < 0 else self._pos + size
-        out = bytes(self._view[self._pos:end])
-        self._pos += len(out)
-        return out
+    tar.addfile(info, io.BytesIO(data))
 
 
 def _add_dir(tar: tarfile.TarFile, name: str) -> None:
@@ -89,7 +78,7 @@ def write_archive(store: ImageStore, names: list[str], out: IO[bytes], spool_dir
     """Write a docker-archive / OCI-layout tar of the named images to ``out``."""
     items: list[_SaveItem] = []
     for name in names:
-        record, by_id = store._lookup(name)
+        record, by_id = store.lookup(name)
         tags: list[str] = []
         if not by_id:
             ref = parse(name)

@@ -29,14 +29,13 @@ from agent.errors import (
 )
 from agent.images import manifest as mf
 from agent.images.auth import Credentials, CredentialStore
-from agent.images.content import ContentStore
+from agent.images.content import BlobWriter, ContentStore
 from agent.images.reference import Reference
 from agent.images.registry import RegistryClient, RegistryConfig
 from agent.images.snapshots import OverlaySnapshotter
 from agent.images.store import ImageRecord, ImageStore, LayerRecord
 from agent.images.unpacker import Singleflight, Unpacker, settle
 
-WRITE_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -263,7 +262,7 @@ class Puller:
                     raise
                 except (Unavailable, httpx.TransportError, OSError) as exc:
                     if attempt == self.download_retries:
-                        raise Unavailable(f"downloading layer {desc.digest} from {client_host(client)}:"
+                        raise Unavailable(f"downloading layer {desc.digest} from {client.host}:"
                                           f" {exc}") from exc
                     progress(PullEvent(id=lid, status=f"Retrying in {2 ** attempt}s"))
                     await asyncio.sleep(min(8.0, 0.2 * 2 ** attempt) * (0.5 + random.random()))
@@ -271,7 +270,7 @@ class Puller:
                     writer.discard() if writer.offset == 0 else writer.close()  # empty: nothing to resume
 
     async def _fetch_into(self, client: RegistryClient, repo: str, desc: mf.Descriptor,
-                          writer: Any, progress: Progress, started: asyncio.Event | None = None) -> None:
+                          writer: BlobWriter, progress: Progress, started: asyncio.Event | None = None) -> None:
         lid = short(desc.digest)
         if writer.offset >= desc.size and desc.size > 0:
             return
@@ -280,24 +279,14 @@ class Puller:
                 writer.restart()
             if started is not None:
                 started.set()  # the partial file exists and grows from here: unpacking may follow it
-            buf = bytearray()
             last = 0.0
-            async for chunk in stream.chunks():
-                buf += chunk
-                if len(buf) >= WRITE_CHUNK:
-                    await asyncio.to_thread(writer.write, bytes(buf))
-                    buf.clear()
-                    now = time.monotonic()
-                    if now - last > 0.1:
-                        last = now
-                        progress(PullEvent(id=lid, status="Downloading", current=writer.offset, total=desc.size))
-            if buf:
-                await asyncio.to_thread(writer.write, bytes(buf))
+            async for chunk in stream.chunks():  # ~1 MiB each: hashed and written off the loop
+                await asyncio.to_thread(writer.write, chunk)
+                now = time.monotonic()
+                if now - last > 0.1:
+                    last = now
+                    progress(PullEvent(id=lid, status="Downloading", current=writer.offset, total=desc.size))
         progress(PullEvent(id=lid, status="Downloading", current=writer.offset, total=desc.size))
-
-
-def client_host(client: RegistryClient) -> str:
-    return str(getattr(client, "host", "registry"))
 
 
 __all__ = ["PullEvent", "Puller"]

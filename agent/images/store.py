@@ -11,6 +11,7 @@ holds.
 from __future__ import annotations
 
 import fnmatch
+import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -89,18 +90,17 @@ class ImageStore:
 
     # --- reading -----------------------------------------------------------
 
-    def _record(self, row: object) -> ImageRecord:
-        r = row  # sqlite3.Row
-        image_id = r["id"]  # type: ignore[index]
+    def _record(self, r: sqlite3.Row) -> ImageRecord:
+        image_id = r["id"]
         tags = [t["name"] for t in self.db.query(
             "SELECT name FROM tags WHERE image_id = ? ORDER BY name", (image_id,))]
         digests = [t["name"] for t in self.db.query(
             "SELECT name FROM repo_digests WHERE image_id = ? ORDER BY name", (image_id,))]
         return ImageRecord(
-            id=image_id, manifest_digest=r["manifest_digest"],  # type: ignore[index]
-            manifest_media_type=r["manifest_media_type"], config_digest=r["config_digest"],  # type: ignore[index]
-            created=r["created"], size=r["size"], os=r["os"], architecture=r["architecture"],  # type: ignore[index]
-            variant=r["variant"], added=r["added"], top_chain_id=r["top_chain_id"],  # type: ignore[index]
+            id=image_id, manifest_digest=r["manifest_digest"],
+            manifest_media_type=r["manifest_media_type"], config_digest=r["config_digest"],
+            created=r["created"], size=r["size"], os=r["os"], architecture=r["architecture"],
+            variant=r["variant"], added=r["added"], top_chain_id=r["top_chain_id"],
             tags=tags, repo_digests=digests,
         )
 
@@ -124,9 +124,9 @@ class ImageStore:
 
     def resolve(self, name: str) -> ImageRecord:
         """Find an image by name[:tag], name@digest, full or short ID, or ``sha256:`` prefix."""
-        return self._lookup(name)[0]
+        return self.lookup(name)[0]
 
-    def _lookup(self, name: str) -> tuple[ImageRecord, bool]:
+    def lookup(self, name: str) -> tuple[ImageRecord, bool]:
         """Resolve ``name``; the flag says whether it matched as an ID rather than a name."""
         if not name:
             raise InvalidArgument("image name must not be empty")
@@ -196,7 +196,7 @@ class ImageStore:
 
     def remove(self, name: str, *, force: bool = False, prune: bool = True) -> RemoveResult:
         """Docker's ``rmi``: untag by name; delete the image when nothing refers to it any more."""
-        record, by_id = self._lookup(name)
+        record, by_id = self.lookup(name)
         result = RemoveResult()
         if by_id:
             repos = {t.rsplit(":", 1)[0] for t in record.tags}

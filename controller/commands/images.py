@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import getpass
-import os
 import json
+import os
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -18,6 +19,12 @@ from controller.render import PullRenderer, ago, human_size
 from skiff.v1 import images_pb2
 
 CHUNK = 1 << 20
+
+
+def rpc_details(exc: Exception) -> str:
+    """The agent's message for a failed call (per-item errors that do not stop the command)."""
+    details = getattr(exc, "details", None)
+    return str(details()) if callable(details) else str(exc)
 
 
 def confirm(warning: str) -> bool:
@@ -126,8 +133,7 @@ def inspect(ctx: Context, names: tuple[str, ...], fmt: str | None, kind: str) ->
                 resp = await agent.images.Inspect(images_pb2.InspectImageRequest(image=name), timeout=30)
                 docs.append(json.loads(resp.json))
             except Exception as exc:  # docker prints the others, then fails
-                details = getattr(exc, "details", None)
-                errors.append(details() if callable(details) else str(exc))
+                errors.append(rpc_details(exc))
         return docs, errors
 
     docs, errors = run(ctx, go)
@@ -200,8 +206,7 @@ def rmi(ctx: Context, images_: tuple[str, ...], force: bool, no_prune: bool) -> 
                 resp = await agent.images.Remove(
                     images_pb2.RemoveImageRequest(image=name, force=force, no_prune=no_prune), timeout=120)
             except Exception as exc:
-                details = getattr(exc, "details", None)
-                errors.append(details() if callable(details) else str(exc))
+                errors.append(rpc_details(exc))
                 continue
             for item in resp.untagged:
                 click.echo(f"Untagged: {item}")
@@ -291,8 +296,6 @@ def save(ctx: Context, images_: tuple[str, ...], output: str | None) -> None:
         raise UsageError("cowardly refusing to save to a terminal. Use the -o flag or redirect")
 
     async def go(agent: Agent) -> None:
-        import tempfile
-
         if output is None:
             sink = sys.stdout.buffer
             async for chunk in agent.images.Save(images_pb2.SaveImagesRequest(images=list(images_))):
