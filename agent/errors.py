@@ -102,3 +102,23 @@ class ImageInUse(Conflict):
 
 class ArchiveError(InvalidArgument):
     """A save/load archive is malformed."""
+
+
+# --- containers -------------------------------------------------------------
+
+
+class ContainerNotFound(NotFound):
+    """No container answers to that name or id."""
+
+
+class ContainerStartFailed(SkiffError):
+    """The container's process could not be started.
+
+    ``exit_code`` is Docker's: 127 when the command is not found, 126 when it
+    cannot be invoked, 125 for any other failure; the API passes it to the CLI
+    (trailing metadata ``skiff-exit-code``) so ``run`` exits with it.
+    """
+
+    def __init__(self, message: str, exit_code: int = 125) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

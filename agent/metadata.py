@@ -65,6 +65,19 @@ MIGRATIONS: list[str] = [
         created INTEGER NOT NULL
     );
     """,
+    # 2: containers (config and state are JSON documents; names are unique)
+    """
+    CREATE TABLE containers (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        image TEXT NOT NULL,
+        image_id TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        config TEXT NOT NULL,
+        state TEXT NOT NULL
+    );
+    CREATE INDEX containers_image ON containers(image_id);
+    """,
 ]
 
 

@@ -45,6 +45,9 @@ async def _fail(context: aio.ServicerContext, outcome: _Outcome, exc: BaseExcept
         code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
         log.exception("unhandled error", method=outcome.method, request_id=outcome.request_id)
     outcome.done(code, message)
+    exit_code = getattr(exc, "exit_code", None)
+    if isinstance(exit_code, int):
+        context.set_trailing_metadata((("skiff-exit-code", str(exit_code)),))
     await context.abort(code, message)
 
 

@@ -17,6 +17,7 @@ CODES: dict[type[errors.SkiffError], grpc.StatusCode] = {
     errors.UnsafeLayer: grpc.StatusCode.FAILED_PRECONDITION,
     errors.RegistryError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Internal: grpc.StatusCode.INTERNAL,
+    errors.ContainerStartFailed: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

@@ -155,10 +155,31 @@ class OverlaySnapshotter:
             path = self.root / str(cur.lastrowid)
         (path / "fs").mkdir(parents=True)
         (path / "work").mkdir()
+        return self._active_mounts(path, lowers)
+
+    @staticmethod
+    def _active_mounts(path: Path, lowers: list[str]) -> list[Mount]:
         if not lowers:
             return [Mount("bind", str(path / "fs"), ["rw", "rbind"])]
         options = [f"lowerdir={':'.join(lowers)}", f"upperdir={path / 'fs'}", f"workdir={path / 'work'}"]
         return [Mount("overlay", "overlay", options)]
+
+    def _active(self, key: str) -> Snapshot:
+        snap = self._row("chain_id", key)
+        if snap is None or snap.kind != ACTIVE:
+            raise NotFound(f"active snapshot {key} not found")
+        return snap
+
+    def mounts(self, key: str) -> list[Mount]:
+        """The mounts of an active snapshot made by :meth:`prepare` (again, for each start)."""
+        snap = self._active(key)
+        return self._active_mounts(snap.path, self.lowerdirs(snap.parent) if snap.parent else [])
+
+    def layers(self, key: str) -> list[Path]:
+        """An active snapshot's directories, topmost first: its upper dir, then the image's layers."""
+        snap = self._active(key)
+        lowers = self.lowerdirs(snap.parent) if snap.parent else []
+        return [snap.path / "fs", *(Path(d) for d in lowers)]
 
     def children(self, chain_id: str) -> list[str]:
         return [r["chain_id"] for r in self.db.query(

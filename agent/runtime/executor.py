@@ -232,9 +232,12 @@ class BuiltinExecutor:
     """The built-in OCI executor over :mod:`agent.runtime.init`."""
 
     def __init__(self, state_dir: Path, *, python: str = sys.executable, timeout: float = DEFAULT_TIMEOUT,
-                 require_subreaper: bool = True, cgroup_manager: Any = None) -> None:
+                 require_subreaper: bool = True, cgroup_manager: Any = None, fork: bool = False) -> None:
         self.state = _State(Path(state_dir))
         self.python = python
+        #: fork this (single-threaded!) process and run the init in the child instead of
+        #: exec'ing a fresh interpreter: the shim's fast path.  Never in a threaded process.
+        self.fork = fork
         self.timeout = timeout
         self.require_subreaper = require_subreaper
         self._cgroups = cgroup_manager
@@ -277,15 +280,19 @@ class BuiltinExecutor:
             start_r, start_w = os.pipe2(os.O_CLOEXEC)
         fds = [sync_w] + ([start_r] if wait_for_start else [])
         env = {**os.environ, "PYTHONPATH": _PROJECT_ROOT}
-        proc: subprocess.Popen[bytes] | None = None
+        proc: subprocess.Popen[bytes] | _Forked | None = None
         pid = 0
         try:
-            proc = subprocess.Popen(
-                self.command(bundle, container_id, cgroup_path, sync_w, start_r if wait_for_start else None),
-                stdin=stdio.stdin if stdio.stdin is not None else subprocess.DEVNULL,
-                stdout=stdio.stdout if stdio.stdout is not None else subprocess.DEVNULL,
-                stderr=stdio.stderr if stdio.stderr is not None else subprocess.DEVNULL,
-                pass_fds=fds, env=env, cwd="/", close_fds=True)
+            argv = self.command(bundle, container_id, cgroup_path, sync_w, start_r if wait_for_start else None)
+            if self.fork:
+                proc = _Forked.start(argv[argv.index("agent.runtime.init") + 1:], stdio, fds)
+            else:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=stdio.stdin if stdio.stdin is not None else subprocess.DEVNULL,
+                    stdout=stdio.stdout if stdio.stdout is not None else subprocess.DEVNULL,
+                    stderr=stdio.stderr if stdio.stderr is not None else subprocess.DEVNULL,
+                    pass_fds=fds, env=env, cwd="/", close_fds=True)
             os.close(sync_w)
             sync_w = -1
             if wait_for_start:
@@ -365,6 +372,65 @@ class BuiltinExecutor:
         except FileNotFoundError:
             pass
         self.state.remove(container_id)
+
+
+class _Forked:
+    """The init helper run in a forked child of this single-threaded process (no exec)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    @classmethod
+    def start(cls, args: list[str], stdio: Stdio, keep: list[int]) -> _Forked:
+        targets = [_fileno(t) for t in (stdio.stdin, stdio.stdout, stdio.stderr)]
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child never returns
+            try:
+                null = os.open(os.devnull, os.O_RDWR)
+                for n, target in enumerate(targets):
+                    os.dup2(null if target is None else target, n, inheritable=True)
+                low = 3
+                for fd in sorted(keep):
+                    os.closerange(low, fd)
+                    os.set_inheritable(fd, True)
+                    low = fd + 1
+                os.closerange(low, 1 << 16)
+                os.chdir("/")
+                from agent.runtime import init
+
+                init.main(args)
+            except BaseException:  # noqa: BLE001
+                os._exit(125)
+            os._exit(125)
+        return cls(pid)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(["init"], timeout or 0)
+            time.sleep(0.0005)
+        return code
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _fileno(target: StdioTarget) -> int | None:
+    if target is None or isinstance(target, int):
+        return target
+    return int(target.fileno())
 
 
 def _reap(pid: int, timeout: float = 5.0) -> None:

@@ -301,7 +301,22 @@ def _check_range(kind: str, spec: str, value: int) -> int:
     return value
 
 
-def resolve_user(rootfs: Path, spec: str) -> ExecUser:
+def _read_layered(roots: Path | Sequence[Path], path: str) -> bytes | None:
+    """``path`` from the first of ``roots`` (topmost layer first) that has it.
+
+    A container's root need not be mounted to resolve its user: the upper
+    directory and the image's layer directories are searched in order
+    (a whiteout in a higher layer is not honoured; it would only matter for
+    an image that deletes /etc/passwd).
+    """
+    for root in [roots] if isinstance(roots, Path) else roots:
+        data = read_file_in_root(root, path)
+        if data is not None:
+            return data
+    return None
+
+
+def resolve_user(rootfs: Path | Sequence[Path], spec: str) -> ExecUser:
     """``-u``/``USER``: ``name``, ``uid``, ``name:group``, ``uid:gid`` (any mix).
 
     Names are looked up in the image's /etc/passwd and /etc/group, read
@@ -323,7 +338,7 @@ def resolve_user(rootfs: Path, spec: str) -> ExecUser:
         raise InvalidArgument(f"invalid user {spec!r}: empty group")
     if not user_arg:
         user_arg = "0"
-    passwd = _parse_passwd(read_file_in_root(rootfs, "/etc/passwd"))
+    passwd = _parse_passwd(_read_layered(rootfs, "/etc/passwd"))
     uid_arg = _numeric_id(user_arg)
     matched = next((p for p in passwd if p.name == user_arg or (uid_arg is not None and p.uid == uid_arg)), None)
     if matched is not None:
@@ -335,7 +350,7 @@ def resolve_user(rootfs: Path, spec: str) -> ExecUser:
 
     if not has_group and matched is None:
         return ExecUser(uid, gid, [])
-    groups = _parse_group(read_file_in_root(rootfs, "/etc/group"))
+    groups = _parse_group(_read_layered(rootfs, "/etc/group"))
     if has_group:
         gid_arg = _numeric_id(group_arg)
         found = next((g for g in groups if g.name == group_arg or (gid_arg is not None and g.gid == gid_arg)), None)

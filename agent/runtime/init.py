@@ -454,6 +454,16 @@ class Container:
             self.stage = "domainname"
             self.sys.setdomainname(domain)
 
+    def controlling_terminal(self) -> None:
+        """``process.terminal``: fd 0 is a pty slave (the shim's); make it our controlling
+        terminal in a new session, so shells get job control and ^C reaches the foreground."""
+        import fcntl
+        import termios
+
+        self.stage = "terminal"
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
     def rlimits(self) -> None:
         process = self.spec.get("process", {})
         for rl in process.get("rlimits", []):
@@ -591,6 +601,8 @@ def child(spec: Mapping[str, Any], bundle: str, sync_fd: int, start_fd: int | No
             raise StageError("namespaces", "a mount namespace is required", _errno.EINVAL)
         if "uts" in namespaces:
             c.hostname()
+        if spec.get("process", {}).get("terminal"):
+            c.controlling_terminal()
         c.rlimits()
         c.chdir()
         c.close_fds()
