@@ -1,0 +1,1 @@
+"""Containers: records, bundles, shims, logs."""
