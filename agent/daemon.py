@@ -11,6 +11,9 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
 from agent.config import DaemonConfig
+from agent.containers.manager import ContainerManager
+from agent.containers.shims import ShimPool
+from agent.containers.store import ContainerStore
 from agent.errors import Conflict
 from agent.images.auth import CredentialStore
 from agent.images.content import ContentStore
@@ -50,6 +53,9 @@ class Daemon:
         self.unpacker = Unpacker(self.content, self.snapshots, self.executor)
         self.puller = Puller(self.images, self.credentials, self.registry_config, self.unpacker,
                              max_concurrent_downloads=max(1, config.max_concurrent_downloads))
+        self.shims = ShimPool(config.exec_root / "shim.log")
+        self.containers = ContainerManager(config.data_root, config.exec_root, ContainerStore(self.db),
+                                           self.images, self.content, self.snapshots, self.shims)
 
     @staticmethod
     def _lock(path: Path) -> int:
@@ -87,6 +93,7 @@ class Daemon:
                 self.executor.submit(_warm)
 
     def close(self) -> None:
+        self.shims.close()
         if self._own_executor:
             self.executor.shutdown(wait=True, cancel_futures=True)
         self.db.close()

@@ -15,18 +15,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from agent import __version__
+from agent.api.containers import ContainersService
 from agent.api.images import ImagesService, RegistriesService
 from agent.api.interceptor import RpcInterceptor
 from agent.api.system import SystemService
 from agent.config import DaemonConfig
 from agent.daemon import Daemon
 from agent.errors import Conflict, InvalidArgument
-from skiff.v1 import images_pb2_grpc, system_pb2_grpc
+from skiff.v1 import containers_pb2_grpc, images_pb2_grpc, system_pb2_grpc
 
 log = structlog.get_logger("skiffd")
 
 MAX_MESSAGE = 64 << 20
-SERVICES = ("skiff.v1.System", "skiff.v1.Images", "skiff.v1.Registries")
+SERVICES = ("skiff.v1.System", "skiff.v1.Images", "skiff.v1.Registries", "skiff.v1.Containers")
 
 
 def _prepare_socket(path: Path) -> None:
@@ -61,6 +62,8 @@ async def serve(config: DaemonConfig, ready: asyncio.Event | None = None) -> Non
     daemon = Daemon(config)
     recovered = daemon.recover()
     daemon.warm_up()
+    daemon.shims.fill()
+    recovered.update(await daemon.containers.restore())
     server = aio.server(
         interceptors=[RpcInterceptor()],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -69,6 +72,7 @@ async def serve(config: DaemonConfig, ready: asyncio.Event | None = None) -> Non
     system_pb2_grpc.add_SystemServicer_to_server(SystemService(daemon), server)
     images_pb2_grpc.add_ImagesServicer_to_server(ImagesService(daemon), server)
     images_pb2_grpc.add_RegistriesServicer_to_server(RegistriesService(daemon), server)
+    containers_pb2_grpc.add_ContainersServicer_to_server(ContainersService(daemon), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     sockets: list[Path] = []
@@ -98,6 +102,7 @@ async def serve(config: DaemonConfig, ready: asyncio.Event | None = None) -> Non
     finally:
         await server.stop(0)
         await daemon.puller.aclose()
+        await daemon.containers.close()
         for path in sockets:
             try:
                 path.unlink()

@@ -1,0 +1,192 @@
+"""skiffd's side of the shims: a pool started ahead of time, and asyncio clients.
+
+A container start must not pay a fresh interpreter's start-up on the
+critical path, so :class:`ShimPool` keeps a few ``python -S -m agent.shim``
+processes waiting for an assignment.  Each is given one end of a socketpair;
+:meth:`ShimPool.launch` writes the assignment, reads the shim's report
+(``{"pid": …}`` or ``{"error": …}``) and replenishes the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.errors import Internal, Unavailable
+from agent.shim import protocol as p
+
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+LAUNCH_TIMEOUT = 30.0
+
+
+@dataclass
+class _Idle:
+    proc: subprocess.Popen[bytes]
+    sock: socket.socket
+
+
+class ShimLaunchError(Internal):
+    """The shim could not start the container; ``exit_code`` is Docker's (125/126/127)."""
+
+    def __init__(self, message: str, exit_code: int = 125, stage: str = "") -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.stage = stage
+
+
+class ShimPool:
+    def __init__(self, log_path: Path, size: int = 2, python: str = sys.executable) -> None:
+        self.log_path = log_path
+        self.size = size
+        self.python = python
+        self._idle: deque[_Idle] = deque()
+        self._closed = False
+
+    def _spawn(self) -> _Idle:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.set_inheritable(False)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            try:
+                proc = subprocess.Popen(
+                    [self.python, "-S", "-m", "agent.shim", str(theirs.fileno())],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                    pass_fds=[theirs.fileno()], cwd="/", start_new_session=True,
+                    env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+                         "PYTHONPATH": _PROJECT_ROOT, "PYTHONDONTWRITEBYTECODE": "1"})
+            finally:
+                theirs.close()
+        return _Idle(proc, ours)
+
+    def fill(self) -> None:
+        while not self._closed and len(self._idle) < self.size:
+            self._idle.append(self._spawn())
+
+    def _take(self) -> _Idle:
+        while self._idle:
+            idle = self._idle.popleft()
+            if idle.proc.poll() is None:
+                return idle
+            idle.sock.close()
+        return self._spawn()
+
+    async def launch(self, assignment: dict[str, Any]) -> dict[str, Any]:
+        """Hand ``assignment`` to a shim; its report once the container is created or running."""
+        if self._closed:
+            raise Unavailable("the agent is shutting down")
+        idle = self._take()
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self.fill)
+        try:
+            idle.sock.setblocking(False)
+            await loop.sock_sendall(idle.sock, p.request(assignment))
+            buf = b""
+            async with asyncio.timeout(LAUNCH_TIMEOUT):
+                while not buf.endswith(b"\n"):
+                    chunk = await loop.sock_recv(idle.sock, 65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+        except TimeoutError:
+            raise Internal(f"shim for container {assignment['id']}: no report within {LAUNCH_TIMEOUT:g}s") from None
+        finally:
+            idle.sock.close()
+            await asyncio.to_thread(idle.proc.wait)  # the shim's first process exits at once
+        if not buf.strip():
+            raise Internal(f"shim for container {assignment['id']} exited without a report "
+                           f"(see {self.log_path})")
+        report = dict(json.loads(buf))
+        if "error" in report:
+            raise ShimLaunchError(str(report["error"]), int(report.get("exit_code") or 125),
+                                  str(report.get("stage") or ""))
+        return report
+
+    def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            idle = self._idle.popleft()
+            idle.sock.close()  # EOF: an idle shim exits
+            try:
+                idle.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                idle.proc.kill()
+                idle.proc.wait()
+
+
+async def open_shim(state_dir: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to a shim's socket (through /proc/self/fd when the path is too long for sun_path)."""
+    path = state_dir / p.SOCKET
+    try:
+        if len(str(path)) < 100:
+            return await asyncio.open_unix_connection(str(path), limit=p.MAX_FRAME * 2)
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        try:
+            return await asyncio.open_unix_connection(f"/proc/self/fd/{fd}", limit=p.MAX_FRAME * 2)
+        finally:
+            os.close(fd)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise ShimGone(f"shim socket {path}: {exc.strerror}") from None
+
+
+class ShimGone(Unavailable):
+    """The shim is not there (the container has exited, or its shim died)."""
+
+
+async def call(state_dir: Path, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """One request, one JSON reply."""
+    reader, writer = await open_shim(state_dir)
+    try:
+        writer.write(p.request(request))
+        async with asyncio.timeout(timeout):
+            line = await reader.readline()
+    finally:
+        writer.close()
+    if not line:
+        raise ShimGone(f"shim at {state_dir} closed the connection")
+    return dict(json.loads(line))
+
+
+class ShimStream:
+    """A streaming connection (attach or wait): the reply, then frames."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.reply = reply
+
+    @classmethod
+    async def open(cls, state_dir: Path, request: dict[str, Any]) -> ShimStream:
+        reader, writer = await open_shim(state_dir)
+        writer.write(p.request(request))
+        line = await reader.readline()
+        if not line:
+            writer.close()
+            raise ShimGone(f"shim at {state_dir} closed the connection")
+        reply = dict(json.loads(line))
+        if "error" in reply:
+            writer.close()
+            raise Internal(str(reply["error"]))
+        return cls(reader, writer, reply)
+
+    async def next_frame(self) -> tuple[int, bytes] | None:
+        try:
+            header = await self.reader.readexactly(p.HEADER.size)
+            kind, length = p.HEADER.unpack(header)
+            return kind, await self.reader.readexactly(length)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    async def send(self, kind: int, payload: bytes = b"") -> None:
+        self.writer.write(p.frame(kind, payload))
+        await self.writer.drain()
+
+    def close(self) -> None:
+        self.writer.close()

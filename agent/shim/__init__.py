@@ -1,0 +1,1 @@
+"""The per-container monitor process (the shim) and its wire protocol."""

@@ -1,0 +1,3 @@
+from agent.shim.main import main
+
+main()
