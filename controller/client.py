@@ -11,7 +11,7 @@ import grpc
 from grpc import aio
 
 from controller.errors import AgentError, ConnectionFailed, UsageError
-from skiff.v1 import images_pb2_grpc, system_pb2_grpc
+from skiff.v1 import containers_pb2_grpc, images_pb2_grpc, system_pb2_grpc
 
 DEFAULT_HOST = "unix:///run/skiff/skiffd.sock"
 T = TypeVar("T")
@@ -43,6 +43,7 @@ class Agent:
         self.system = system_pb2_grpc.SystemStub(channel)
         self.images = images_pb2_grpc.ImagesStub(channel)
         self.registries = images_pb2_grpc.RegistriesStub(channel)
+        self.containers = containers_pb2_grpc.ContainersStub(channel)
 
 
 def translate(host: str, exc: grpc.RpcError) -> Exception:
@@ -53,7 +54,15 @@ def translate(host: str, exc: grpc.RpcError) -> Exception:
         return ConnectionFailed(f"cannot connect to the skiff agent at {host}: is skiffd running? ({details})")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ConnectionFailed(f"timed out talking to the skiff agent at {host}")
-    return AgentError(details or f"agent at {host} failed: {code}")
+    error = AgentError(details or f"agent at {host} failed: {code}")
+    try:
+        metadata = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - not every RpcError carries metadata
+        metadata = ()
+    for key, value in metadata:
+        if key == "skiff-exit-code" and str(value).isdigit():
+            error.exit_code = int(value)
+    return error
 
 
 @asynccontextmanager

@@ -9,7 +9,9 @@ import click
 from controller import __version__
 from controller.cli import Context
 from controller.client import default_host
+from controller.commands import containers as ctr
 from controller.commands import images as img
+from controller.commands import run as runcmd
 from controller.commands import system
 from controller.errors import AgentError, ControllerError
 
@@ -46,11 +48,35 @@ def image_group() -> None:
     """Manage images."""
 
 
-for command in (img.pull, img.images, img.inspect, img.history, img.tag, img.rmi, img.save, img.load,
-                img.login, img.logout, system.version, system.info):
+@cli.group("container", cls=DockerGroup)
+def container_group() -> None:
+    """Manage containers."""
+
+
+for command in (runcmd.run, runcmd.create, runcmd.start, ctr.stop, ctr.restart, ctr.kill, ctr.rm, ctr.wait,
+                ctr.ps, ctr.logs, ctr.rename, runcmd.attach, img.pull, img.images, img.inspect, img.history,
+                img.tag, img.rmi, img.save, img.load, img.login, img.logout, system.version, system.info):
     cli.add_command(command)
 
-for name, command in (("pull", img.pull), ("ls", img.images), ("list", img.images), ("inspect", img.inspect),
+for name, command in (("run", runcmd.run), ("create", runcmd.create), ("start", runcmd.start),
+                      ("stop", ctr.stop), ("restart", ctr.restart), ("kill", ctr.kill), ("rm", ctr.rm),
+                      ("remove", ctr.rm), ("wait", ctr.wait), ("ls", ctr.ps), ("list", ctr.ps), ("ps", ctr.ps),
+                      ("logs", ctr.logs), ("rename", ctr.rename), ("attach", runcmd.attach),
+                      ("prune", ctr.prune)):
+    container_group.add_command(command, name)
+
+
+@container_group.command("inspect")
+@click.argument("names", nargs=-1, required=True)
+@click.option("-f", "--format", "fmt", help="Format output using a custom template.")
+@click.option("-s", "--size", is_flag=True, help="Display total file sizes.")
+@click.pass_obj
+def container_inspect(ctx: Context, names: tuple[str, ...], fmt: str | None, size: bool) -> None:
+    """Display detailed information on one or more containers."""
+    img.inspect_objects(ctx, names, fmt, size, "container")
+
+
+for name, command in (("pull", img.pull), ("ls", img.images), ("list", img.images), ("inspect", img.image_inspect),
                       ("history", img.history), ("tag", img.tag), ("rm", img.rmi), ("prune", img.prune),
                       ("save", img.save), ("load", img.load)):
     image_group.add_command(command, name)

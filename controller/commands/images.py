@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
@@ -21,7 +21,7 @@ from skiff.v1 import images_pb2
 CHUNK = 1 << 20
 
 
-def rpc_details(exc: Exception) -> str:
+def rpc_details(exc: BaseException) -> str:
     """The agent's message for a failed call (per-item errors that do not stop the command)."""
     details = getattr(exc, "details", None)
     return str(details()) if callable(details) else str(exc)
@@ -46,19 +46,19 @@ def pull(ctx: Context, name: str, all_tags: bool, platform: str, quiet: bool) ->
     """Download an image from a registry."""
     if all_tags:
         raise UsageError("--all-tags is not supported yet")
-    renderer = PullRenderer()
+    click.echo(run(ctx, lambda agent: pull_image(agent, name, platform, quiet)))
 
-    async def go(agent: Agent) -> str:
-        reference = ""
-        async for ev in agent.images.Pull(images_pb2.PullRequest(reference=name, platform=platform)):
-            if ev.reference:
-                reference = ev.reference
-            if not quiet:
-                renderer.event(ev.id, ev.status, ev.current, ev.total)
-        return reference
 
-    reference = run(ctx, go)
-    click.echo(reference)
+async def pull_image(agent: Agent, name: str, platform: str, quiet: bool, out: TextIO | None = None) -> str:
+    """Pull with docker's progress display; the normalised reference."""
+    renderer = PullRenderer(out) if out is not None else PullRenderer()
+    reference = ""
+    async for ev in agent.images.Pull(images_pb2.PullRequest(reference=name, platform=platform)):
+        if ev.reference:
+            reference = ev.reference
+        if not quiet:
+            renderer.event(ev.id, ev.status, ev.current, ev.total)
+    return reference
 
 
 def _image_rows(images: list[images_pb2.ImageSummary], digests: bool, no_trunc: bool) -> list[dict[str, Any]]:
@@ -118,20 +118,45 @@ def images(ctx: Context, repository: str | None, all_: bool, digests: bool, filt
                 {"ID": "IMAGE ID", "CreatedSince": "CREATED", "CreatedAt": "CREATED AT"})
 
 
-@click.command("inspect")
-@click.argument("names", nargs=-1, required=True)
-@click.option("-f", "--format", "fmt", help="Format output using a custom template.")
-@click.option("--type", "kind", type=click.Choice(["image"]), default="image", help="Only inspect objects of this type.")
-@pass_ctx
-def inspect(ctx: Context, names: tuple[str, ...], fmt: str | None, kind: str) -> None:
-    """Display detailed information on one or more images."""
+def _inspect_command(default_kind: str, doc: str) -> Any:
+    @click.command("inspect", help=doc)
+    @click.argument("names", nargs=-1, required=True)
+    @click.option("-f", "--format", "fmt", help="Format output using a custom template.")
+    @click.option("-s", "--size", is_flag=True, help="Display total file sizes if the type is container.")
+    @click.option("--type", "kind", type=click.Choice(["container", "image"]), default=default_kind or None,
+                  help="Only inspect objects of this type.")
+    @pass_ctx
+    def command(ctx: Context, names: tuple[str, ...], fmt: str | None, size: bool, kind: str | None) -> None:
+        inspect_objects(ctx, names, fmt, size, kind)
+    return command
+
+
+def inspect_objects(ctx: Context, names: tuple[str, ...], fmt: str | None, size: bool, kind: str | None) -> None:
+    """``inspect``: containers first, then images (docker's order), unless ``--type`` says which."""
+    from skiff.v1 import containers_pb2
+
+    async def one(agent: Agent, name: str) -> Any:
+        if kind in (None, "container"):
+            try:
+                resp = await agent.containers.Inspect(
+                    containers_pb2.InspectContainerRequest(container=name, size=size), timeout=30)
+                return json.loads(resp.json)
+            except Exception as exc:
+                if kind == "container" or "No such container" not in rpc_details(exc):
+                    raise
+        try:
+            resp = await agent.images.Inspect(images_pb2.InspectImageRequest(image=name), timeout=30)
+        except Exception as exc:
+            if kind is None and "No such image" in rpc_details(exc):
+                raise LookupError(f"No such object: {name}") from None
+            raise
+        return json.loads(resp.json)
 
     async def go(agent: Agent) -> tuple[list[Any], list[str]]:
         docs, errors = [], []
         for name in names:
             try:
-                resp = await agent.images.Inspect(images_pb2.InspectImageRequest(image=name), timeout=30)
-                docs.append(json.loads(resp.json))
+                docs.append(await one(agent, name))
             except Exception as exc:  # docker prints the others, then fails
                 errors.append(rpc_details(exc))
         return docs, errors
@@ -348,3 +373,7 @@ def load(ctx: Context, input_: str | None, quiet: bool) -> None:
                 click.echo(line)
 
     run(ctx, go)
+
+
+inspect = _inspect_command("", "Return low-level information on containers or images.")
+image_inspect = _inspect_command("image", "Display detailed information on one or more images.")

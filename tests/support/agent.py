@@ -73,6 +73,34 @@ class AgentProcess:
         assert result.code == 0, f"skiff {' '.join(args)} failed ({result.code}): {result.err}{result.out}"
         return result.out
 
+    def remove_all_containers(self) -> None:
+        """``rm -f`` every container (they outlive the agent: live-restore)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        ids = self.cli("ps", "-aq", "--no-trunc").out.split()
+        if ids:
+            self.cli("rm", "-f", *ids)
+
+    def reap_leftovers(self) -> None:
+        """After the agent is gone: kill what its containers left (cgroups, shims, mounts)."""
+        from agent.runtime.cgroups import detect
+
+        containers = self.exec_root / "containers"
+        for state in containers.glob("*") if containers.exists() else []:
+            try:
+                detect().destroy(f"/skiff/{state.name}", kill=True)
+            except OSError:
+                pass
+            try:
+                os.kill(int((state / "shim.pid").read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            targets = [line.split()[4] for line in f]
+        for target in reversed(targets):
+            if target.startswith(str(self.root) + "/"):
+                subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -81,6 +109,7 @@ class AgentProcess:
     def stop(self, timeout: float = 20.0) -> int:
         if self.proc is None:
             return 0
+        self.remove_all_containers()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -88,4 +117,5 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        self.reap_leftovers()
         return self.proc.returncode

@@ -1,0 +1,253 @@
+"""Container commands: ps, logs, stop, kill, restart, rm, wait, rename, prune."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+
+from controller.cli import Context, pass_ctx, print_table, run
+from controller.client import Agent
+from controller.commands.images import confirm, rpc_details
+from controller.errors import AgentError, CancelledError, UsageError
+from controller.render import human_duration, human_size
+from skiff.v1 import containers_pb2 as pb
+
+
+def status_text(c: pb.ContainerSummary, now_ns: int | None = None) -> str:
+    """docker's STATUS column."""
+    now = now_ns or time.time_ns()
+    if c.state == "running":
+        return "Up " + human_duration((now - (c.started_ns or now)) / 1e9)
+    if c.state == "exited":
+        if not c.finished_ns:
+            return "Exited"
+        return f"Exited ({c.exit_code}) {human_duration((now - c.finished_ns) / 1e9)} ago"
+    if c.state == "created":
+        return "Created"
+    return c.state.capitalize()
+
+
+def _command(c: pb.ContainerSummary, no_trunc: bool) -> str:
+    text = c.command
+    if not no_trunc and len(text) > 20:
+        text = text[:19] + "…"
+    return json.dumps(text, ensure_ascii=False)
+
+
+def container_rows(containers: list[pb.ContainerSummary], no_trunc: bool) -> list[dict[str, Any]]:
+    now = time.time_ns()
+    rows = []
+    for c in containers:
+        created_s = c.created_ns / 1e9
+        rows.append({
+            "ID": c.id if no_trunc else c.id[:12], "Image": c.image, "Command": _command(c, no_trunc),
+            "CreatedAt": time.strftime("%Y-%m-%d %H:%M:%S %z %Z", time.localtime(created_s)),
+            "RunningFor": human_duration((now - c.created_ns) / 1e9) + " ago", "Ports": "",
+            "State": c.state, "Status": status_text(c, now),
+            "Size": f"{human_size(c.size_rw)} (virtual {human_size(c.size_root_fs)})" if c.size_root_fs else "0B",
+            "Names": ",".join(n.lstrip("/") for n in c.names),
+            "Labels": ",".join(f"{k}={v}" for k, v in sorted(c.labels.items())), "Mounts": "",
+            "Networks": c.networks, "LabelsMap": dict(c.labels),
+        })
+    return rows
+
+
+@click.command("ps")
+@click.option("-a", "--all", "all_", is_flag=True, help="Show all containers (default shows just running).")
+@click.option("-f", "--filter", "filters", multiple=True, help="Filter output based on conditions provided.")
+@click.option("--format", "fmt", help="Format output using a custom template ('table', 'table TEMPLATE', "
+              "'json', or a Go template).")
+@click.option("-n", "--last", type=int, default=-1, help="Show n last created containers (includes all states).")
+@click.option("-l", "--latest", is_flag=True, help="Show the latest created container (includes all states).")
+@click.option("--no-trunc", is_flag=True, help="Don't truncate output.")
+@click.option("-q", "--quiet", is_flag=True, help="Only display container IDs.")
+@click.option("-s", "--size", is_flag=True, help="Display total file sizes.")
+@pass_ctx
+def ps(ctx: Context, all_: bool, filters: tuple[str, ...], fmt: str | None, last: int, latest: bool,
+       no_trunc: bool, quiet: bool, size: bool) -> None:
+    """List containers."""
+    if latest:
+        last = 1
+    request = pb.ListContainersRequest(all=all_ or last > 0, filters=list(filters), size=size,
+                                       last=max(last, 0))
+    resp = run(ctx, lambda agent: agent.containers.List(request, timeout=30))
+    rows = container_rows(list(resp.containers), no_trunc)
+    if quiet:
+        for row in rows:
+            click.echo(row["ID"])
+        return
+    if fmt == "json":
+        for row in rows:
+            click.echo(json.dumps({k: v for k, v in row.items() if k != "LabelsMap"}, separators=(",", ":")))
+        return
+    default = "table {{.ID}}\t{{.Image}}\t{{.Command}}\t{{.RunningFor}}\t{{.Status}}\t{{.Ports}}\t{{.Names}}"
+    if size:
+        default += "\t{{.Size}}"
+    print_table(rows, default, fmt if fmt != "table" else None,
+                {"ID": "CONTAINER ID", "RunningFor": "CREATED", "CreatedAt": "CREATED AT"})
+
+
+def _each(ctx: Context, names: tuple[str, ...], call: Any, echo: bool = True) -> None:
+    """Apply ``call`` to every container; docker prints the name of each success and every error,
+    and fails at the end if any failed."""
+
+    async def go(agent: Agent) -> list[str]:
+        errors = []
+        for name in names:
+            try:
+                result = await call(agent, name)
+                if echo:
+                    click.echo(result if isinstance(result, str) else name)
+            except Exception as exc:  # the others still run, as docker does
+                errors.append(rpc_details(exc))
+        return errors
+
+    errors = run(ctx, go)
+    for error in errors[:-1]:
+        click.echo(f"Error response from agent: {error}", err=True)
+    if errors:
+        raise AgentError(errors[-1])
+
+
+@click.command("stop")
+@click.option("-s", "--signal", "sig", default="", help="Signal to send to the container.")
+@click.option("-t", "--time", "--timeout", "timeout", type=int, default=None,
+              help="Seconds to wait before killing the container.")
+@click.argument("containers", nargs=-1, required=True)
+@pass_ctx
+def stop(ctx: Context, containers: tuple[str, ...], sig: str, timeout: int | None) -> None:
+    """Stop one or more running containers."""
+    request = {"timeout": timeout or 0, "timeout_set": timeout is not None, "signal": sig}
+    _each(ctx, containers, lambda agent, name: agent.containers.Stop(
+        pb.StopContainerRequest(container=name, **request), timeout=(timeout or 10) + 60))
+
+
+@click.command("restart")
+@click.option("-t", "--time", "--timeout", "timeout", type=int, default=None,
+              help="Seconds to wait before killing the container.")
+@click.argument("containers", nargs=-1, required=True)
+@pass_ctx
+def restart(ctx: Context, containers: tuple[str, ...], timeout: int | None) -> None:
+    """Restart one or more containers."""
+    _each(ctx, containers, lambda agent, name: agent.containers.Restart(pb.RestartContainerRequest(
+        container=name, timeout=timeout or 0, timeout_set=timeout is not None), timeout=(timeout or 10) + 90))
+
+
+@click.command("kill")
+@click.option("-s", "--signal", "sig", default="KILL", help="Signal to send to the container.")
+@click.argument("containers", nargs=-1, required=True)
+@pass_ctx
+def kill(ctx: Context, containers: tuple[str, ...], sig: str) -> None:
+    """Kill one or more running containers."""
+    _each(ctx, containers, lambda agent, name: agent.containers.Kill(
+        pb.KillContainerRequest(container=name, signal=sig), timeout=30))
+
+
+@click.command("rm")
+@click.option("-f", "--force", is_flag=True, help="Force the removal of a running container (uses SIGKILL).")
+@click.option("-v", "--volumes", is_flag=True, help="Remove anonymous volumes associated with the container.")
+@click.argument("containers", nargs=-1, required=True)
+@pass_ctx
+def rm(ctx: Context, containers: tuple[str, ...], force: bool, volumes: bool) -> None:
+    """Remove one or more containers."""
+    _each(ctx, containers, lambda agent, name: agent.containers.Remove(
+        pb.RemoveContainerRequest(container=name, force=force), timeout=90))
+
+
+@click.command("wait")
+@click.argument("containers", nargs=-1, required=True)
+@pass_ctx
+def wait(ctx: Context, containers: tuple[str, ...]) -> None:
+    """Block until one or more containers stop, then print their exit codes."""
+
+    async def one(agent: Agent, name: str) -> str:
+        resp = await agent.containers.Wait(pb.WaitContainerRequest(container=name))
+        return str(resp.status_code)
+
+    _each(ctx, containers, one)
+
+
+@click.command("rename")
+@click.argument("container")
+@click.argument("new_name")
+@pass_ctx
+def rename(ctx: Context, container: str, new_name: str) -> None:
+    """Rename a container."""
+    run(ctx, lambda agent: agent.containers.Rename(pb.RenameContainerRequest(container=container, name=new_name),
+                                                   timeout=30))
+
+
+@click.command("prune")
+@click.option("-f", "--force", is_flag=True, help="Do not prompt for confirmation.")
+@click.option("--filter", "filters", multiple=True, help="Provide filter values (e.g. 'label=<key>=<value>').")
+@pass_ctx
+def prune(ctx: Context, force: bool, filters: tuple[str, ...]) -> None:
+    """Remove all stopped containers."""
+    if not force and not confirm("WARNING! This will remove all stopped containers."):
+        raise CancelledError("")
+    resp = run(ctx, lambda agent: agent.containers.Prune(pb.PruneContainersRequest(filters=list(filters)),
+                                                         timeout=300))
+    if resp.deleted:
+        click.echo("Deleted Containers:")
+        for container_id in resp.deleted:
+            click.echo(container_id)
+        click.echo("")
+    click.echo(f"Total reclaimed space: {human_size(resp.space_reclaimed)}")
+
+
+def _parse_time(value: str, flag: str) -> int:
+    if not value:
+        return 0
+    from agent.containers.jsonlog import parse_since
+
+    try:
+        return parse_since(value, time.time_ns())
+    except Exception as exc:  # the agent module's InvalidArgument: one line for the user
+        raise UsageError(f"invalid value for {flag}: {exc}") from None
+
+
+@click.command("logs")
+@click.option("-f", "--follow", is_flag=True, help="Follow log output.")
+@click.option("--since", default="", help="Show logs since timestamp (2013-01-02T13:23:37Z) or relative (42m).")
+@click.option("--until", default="", help="Show logs before a timestamp or relative (42m).")
+@click.option("-n", "--tail", default="all", help="Number of lines to show from the end of the logs.")
+@click.option("-t", "--timestamps", is_flag=True, help="Show timestamps.")
+@click.option("--details", is_flag=True, help="Show extra details provided to logs.")
+@click.argument("container")
+@pass_ctx
+def logs(ctx: Context, container: str, follow: bool, since: str, until: str, tail: str, timestamps: bool,
+         details: bool) -> None:
+    """Fetch the logs of a container."""
+    if tail == "all":
+        tail_n = -1
+    else:
+        try:
+            tail_n = int(tail)
+        except ValueError:
+            raise UsageError(f"invalid value for --tail: {tail!r}") from None
+        if tail_n < 0:
+            tail_n = -1
+    request = pb.LogsRequest(container=container, follow=follow, stdout=True, stderr=True,
+                             since_ns=_parse_time(since, "--since"), until_ns=_parse_time(until, "--until"),
+                             tail=tail_n)
+
+    async def go(agent: Agent) -> None:
+        out = sys.stdout.buffer
+        err = sys.stderr.buffer
+        async for entry in agent.containers.Logs(request):
+            target = err if entry.stream == pb.LogEntry.STDERR else out
+            if timestamps:
+                target.write(_timestamp(entry.time_ns).encode() + b" ")
+            target.write(entry.data)
+            target.flush()
+
+    run(ctx, go)
+
+
+def _timestamp(ns: int) -> str:
+    secs, frac = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"

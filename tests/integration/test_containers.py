@@ -1,0 +1,184 @@
+"""Containers end to end: the real skiff CLI against a real skiffd, shims, namespaces, cgroups.
+
+Every test leaves no container, mount, cgroup or process behind (the
+``clean`` fixture counts them before and after).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.agent import AgentProcess
+from tests.support.leftovers import Leftovers
+from tests.support.registry import Registry
+
+
+@pytest.fixture(scope="module")
+def image(agent: AgentProcess, registry: Registry) -> str:
+    ref = f"{registry.host}/busybox:1"
+    agent.ok("pull", "-q", ref)
+    return ref
+
+
+@pytest.fixture
+def clean(agent: AgentProcess) -> Iterator[None]:
+    before = Leftovers.snapshot()
+    yield
+    agent.remove_all_containers()
+    Leftovers.snapshot().assert_same_as(before)
+
+
+def _inspect(agent: AgentProcess, name: str) -> dict:
+    return json.loads(agent.ok("inspect", "--type", "container", name))[0]
+
+
+def test_run_prints_output_and_returns_the_exit_code(agent: AgentProcess, image: str, clean: None) -> None:
+    result = agent.cli("run", "--name", "hello", image, "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert result.code == 3, result.err
+    assert result.out == "out\n"
+    assert result.err == "err\n"
+    doc = _inspect(agent, "hello")
+    assert doc["State"]["Status"] == "exited"
+    assert doc["State"]["ExitCode"] == 3
+    assert doc["Path"] == "sh" and doc["Args"] == ["-c", "echo out; echo err >&2; exit 3"]
+    assert agent.ok("logs", "hello") == "out\n"
+    logs = agent.cli("logs", "hello")
+    assert logs.err == "err\n"
+
+
+def test_exit_codes_for_commands_that_cannot_run(agent: AgentProcess, image: str, clean: None) -> None:
+    missing = agent.cli("run", "--rm", image, "no-such-command")
+    assert missing.code == 127, missing.err
+    assert "executable file not found" in missing.err
+    assert len(missing.err.strip().splitlines()) == 1
+    not_exec = agent.cli("run", "--rm", image, "/etc/passwd")
+    assert not_exec.code == 126, not_exec.err
+    bad_flag = agent.cli("run", "--rm", "--memory", "lots", image, "true")
+    assert bad_flag.code == 125 and "invalid" in bad_flag.err
+    unknown = agent.cli("run", "--rm", "127.0.0.1:1/nothing:here", "true")
+    assert unknown.code == 125
+
+
+def test_isolation_defaults(agent: AgentProcess, image: str, clean: None) -> None:
+    script = ("grep CapEff /proc/self/status; echo pid=$$; hostname; "
+              "echo timer_list=$(wc -c < /proc/timer_list); echo firmware=$(ls /sys/firmware | wc -l); "
+              "touch /proc/sys/kernel/x 2>&1 || echo ro-sys; ls /dev | tr '\\n' ' '")
+    out = agent.ok("run", "--rm", "--hostname", "box", image, "sh", "-c", script)
+    assert "CapEff:\t00000000a80425fb" in out
+    assert "pid=1" in out
+    assert "\nbox\n" in out
+    assert "timer_list=0\n" in out  # masked: /dev/null bound over it
+    assert "firmware=0\n" in out  # masked: an empty read-only tmpfs
+    assert "ro-sys" in out
+    devs = set(out.strip().splitlines()[-1].split())
+    assert {"null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "mqueue"} <= devs
+    assert not devs & {"sda", "vda", "mem", "kmsg"}
+
+
+def test_detached_lifecycle(agent: AgentProcess, image: str, clean: None) -> None:
+    cid = agent.ok("run", "-d", "--name", "sleeper", image, "sleep", "1000").strip()
+    assert len(cid) == 64
+    ps = agent.ok("ps")
+    assert "sleeper" in ps and cid[:12] in ps and "Up " in ps
+    assert agent.ok("ps", "-q") .split() == [cid[:12]]
+    doc = _inspect(agent, "sleeper")
+    assert doc["State"]["Running"] and doc["State"]["Pid"] > 0
+    assert Path(f"/proc/{doc['State']['Pid']}").exists()
+    rm = agent.cli("rm", "sleeper")
+    assert rm.code != 0 and "container is running" in rm.err
+    started = time.monotonic()
+    agent.ok("stop", "-t", "1", "sleeper")  # PID 1 ignores SIGTERM: killed after 1 s
+    assert time.monotonic() - started < 10
+    doc = _inspect(agent, "sleeper")
+    assert doc["State"]["Status"] == "exited" and doc["State"]["ExitCode"] == 137
+    assert "Exited (137)" in agent.ok("ps", "-a", "--filter", "name=sleeper")
+    agent.ok("start", "sleeper")
+    assert _inspect(agent, "sleeper")["State"]["Running"]
+    agent.ok("rm", "-f", "sleeper")
+    assert agent.cli("inspect", "sleeper").code != 0
+
+
+def test_rm_flag_removes_the_container(agent: AgentProcess, image: str, clean: None) -> None:
+    agent.ok("run", "--rm", "--name", "gone", image, "true")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "gone" in agent.ok("ps", "-a"):
+        time.sleep(0.05)
+    assert "gone" not in agent.ok("ps", "-a")
+
+
+def test_name_conflict_is_one_line(agent: AgentProcess, image: str, clean: None) -> None:
+    agent.ok("create", "--name", "twin", image, "true")
+    again = agent.cli("create", "--name", "twin", image, "true")
+    assert again.code == 125 and "already in use" in again.err
+    assert len(again.err.strip().splitlines()) == 1
+
+
+def test_memory_limit_oom_kill_is_reported(agent: AgentProcess, image: str, clean: None) -> None:
+    result = agent.cli("run", "--name", "hog", "--memory", "32m", image,
+                       "dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1")
+    assert result.code == 137, result.err
+    state = _inspect(agent, "hog")["State"]
+    assert state["OOMKilled"] is True and state["ExitCode"] == 137
+
+
+def test_pids_limit_stops_a_fork_bomb(agent: AgentProcess, image: str, clean: None) -> None:
+    out = agent.cli("run", "--rm", "--pids-limit", "10", image, "sh", "-c",
+                    "for i in $(seq 30); do sleep 2 & done 2>&1; wait; echo done")
+    assert "can't fork" in out.out + out.err or "Resource temporarily unavailable" in out.out + out.err
+
+
+def test_env_user_workdir_and_entrypoint(agent: AgentProcess, image: str, clean: None, tmp_path: Path) -> None:
+    env_file = tmp_path / "env"
+    env_file.write_text("FROM_FILE=1\n# comment\n")
+    out = agent.ok("run", "--rm", "-e", "A=b", "--env-file", str(env_file), "-u", "app", "-w", "/tmp",
+                   image, "sh", "-c", "echo $A $FROM_FILE; id -u; id -g; pwd")
+    assert out.split() == ["b", "1", "1000", "1000", "/tmp"]
+    out = agent.ok("run", "--rm", "--entrypoint", "echo", image, "hi", "there")
+    assert out == "hi there\n"
+    bad_user = agent.cli("run", "--rm", "-u", "nobody-here", image, "true")
+    assert bad_user.code != 0 and "unable to find user" in bad_user.err
+
+
+def test_network_none_and_host(agent: AgentProcess, image: str, clean: None) -> None:
+    none = agent.ok("run", "--rm", image, "cat", "/proc/net/dev")
+    assert "lo:" in none and "eth0" not in none
+    host = agent.ok("run", "--rm", "--network", "host", image, "cat", "/proc/net/dev")
+    assert host.count(":") >= none.count(":")
+    bridge = agent.cli("run", "--rm", "--network", "bridge", image, "true")
+    assert bridge.code == 125
+
+
+def test_init_reaps_and_forwards(agent: AgentProcess, image: str, clean: None) -> None:
+    out = agent.ok("run", "--rm", "--init", image, "sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '")
+    assert out.startswith("/sbin/docker-init -- sh")
+
+
+def test_live_restore(fresh_agent: AgentProcess, registry: Registry) -> None:
+    before = Leftovers.snapshot()
+    agent = fresh_agent
+    ref = f"{registry.host}/busybox:1"
+    agent.ok("pull", "-q", ref)
+    agent.ok("run", "-d", "--name", "keeps", ref, "sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); "
+             "sleep 0.1; done")
+    agent.ok("run", "-d", "--name", "ends", ref, "sh", "-c", "sleep 1; echo bye; exit 7")
+    pid = _inspect(agent, "keeps")["State"]["Pid"]
+    agent.kill9()
+    time.sleep(2)  # "ends" exits while the agent is down; "keeps" keeps logging
+    assert Path(f"/proc/{pid}").exists()
+    agent.start()
+    keeps = _inspect(agent, "keeps")["State"]
+    assert keeps["Running"] and keeps["Pid"] == pid
+    ends = _inspect(agent, "ends")["State"]
+    assert ends["Status"] == "exited" and ends["ExitCode"] == 7
+    assert "bye" in agent.ok("logs", "ends")
+    ticks = agent.ok("logs", "keeps").split("\n")
+    assert len(ticks) > 15
+    agent.ok("stop", "-t", "1", "keeps")
+    assert _inspect(agent, "keeps")["State"]["ExitCode"] == 137
+    agent.remove_all_containers()
+    Leftovers.snapshot().assert_same_as(before)
