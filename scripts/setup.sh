@@ -10,6 +10,7 @@ APT_PACKAGES=(
   docker-registry skopeo umoci            # real registry server and an independent image client for tests
   busybox-static tini                     # test images; the --init process
   podman runc                             # interop checks (podman load) and the runc executor
+  python3-seccomp                         # libseccomp's own binding, loaded by agent.runtime.seccomp
   jq curl apache2-utils iproute2 util-linux
 )
 
@@ -35,6 +36,8 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import skiff.v1.images_pb2, agent, controller" >/dev/null
+.venv/bin/python -c "from agent.runtime.seccomp import load_binding; load_binding()" \
+  || echo "setup: warning: libseccomp's Python binding does not load here; seccomp profiles cannot be applied" >&2
 # The socket group (dockerd's "docker" group).
 getent group skiff >/dev/null || groupadd --system skiff 2>/dev/null || true
 echo "setup: ready (.venv/bin/skiff, .venv/bin/skiffd)"
