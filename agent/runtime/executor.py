@@ -251,20 +251,27 @@ class BuiltinExecutor:
         return self._cgroups
 
     def command(self, bundle: Path, container_id: str, cgroup_path: str, sync_fd: int,
-                start_fd: int | None) -> list[str]:
+                start_fd: int | None, console_fd: int | None = None) -> list[str]:
         cmd = [self.python, "-S", "-m", "agent.runtime.init", "--bundle", str(bundle), "--id", container_id,
                "--cgroup-path", cgroup_path, "--sync-fd", str(sync_fd)]
         if start_fd is not None:
             cmd += ["--start-fd", str(start_fd)]
+        if console_fd is not None:
+            cmd += ["--console-fd", str(console_fd)]
         return cmd
 
-    def create(self, bundle: Path, container_id: str, stdio: Stdio) -> ContainerProcess:
-        return self._spawn(bundle, container_id, stdio, wait_for_start=True)
+    def create(self, bundle: Path, container_id: str, stdio: Stdio,
+               console_fd: int | None = None) -> ContainerProcess:
+        """``console_fd``: a unix socket on which the init sends the master of a pty it makes
+        in the container's devpts (``process.terminal``), like runc's --console-socket."""
+        return self._spawn(bundle, container_id, stdio, wait_for_start=True, console_fd=console_fd)
 
-    def run(self, bundle: Path, container_id: str, stdio: Stdio) -> ContainerProcess:
-        return self._spawn(bundle, container_id, stdio, wait_for_start=False)
+    def run(self, bundle: Path, container_id: str, stdio: Stdio,
+            console_fd: int | None = None) -> ContainerProcess:
+        return self._spawn(bundle, container_id, stdio, wait_for_start=False, console_fd=console_fd)
 
-    def _spawn(self, bundle: Path, container_id: str, stdio: Stdio, *, wait_for_start: bool) -> ContainerProcess:
+    def _spawn(self, bundle: Path, container_id: str, stdio: Stdio, *, wait_for_start: bool,
+               console_fd: int | None = None) -> ContainerProcess:
         if self.require_subreaper and not is_child_subreaper():
             raise Internal("the built-in executor needs its caller to be a child subreaper "
                            "(PR_SET_CHILD_SUBREAPER) to wait for the container")
@@ -278,12 +285,13 @@ class BuiltinExecutor:
         start_r = start_w = -1
         if wait_for_start:
             start_r, start_w = os.pipe2(os.O_CLOEXEC)
-        fds = [sync_w] + ([start_r] if wait_for_start else [])
+        fds = [sync_w] + ([start_r] if wait_for_start else []) + ([console_fd] if console_fd is not None else [])
         env = {**os.environ, "PYTHONPATH": _PROJECT_ROOT}
         proc: subprocess.Popen[bytes] | _Forked | None = None
         pid = 0
         try:
-            argv = self.command(bundle, container_id, cgroup_path, sync_w, start_r if wait_for_start else None)
+            argv = self.command(bundle, container_id, cgroup_path, sync_w, start_r if wait_for_start else None,
+                                console_fd)
             if self.fork:
                 proc = _Forked.start(argv[argv.index("agent.runtime.init") + 1:], stdio, fds)
             else:
@@ -515,6 +523,21 @@ class RuncExecutor:
 
     def kill(self, container_id: str, sig: int = signal.SIGTERM) -> None:
         self._run("kill", container_id, str(int(sig)))
+
+    def exec(self, container_id: str, process: dict[str, Any], stdio: Stdio) -> int:
+        """``runc exec --detach``: start ``process`` in the container; its host pid (the
+        caller, a subreaper, becomes its parent once runc exits)."""
+        tag = f"{container_id}.{os.getpid()}.{time.monotonic_ns()}"
+        process_file = self.root / f"{tag}.process.json"
+        pid_file = self.root / f"{tag}.pid"
+        process_file.write_text(json.dumps(process))
+        try:
+            self._run("exec", "--detach", "--process", str(process_file), "--pid-file", str(pid_file),
+                      container_id, stdio=stdio)
+            return int(pid_file.read_text().strip())
+        finally:
+            process_file.unlink(missing_ok=True)
+            pid_file.unlink(missing_ok=True)
 
     def delete(self, container_id: str) -> None:
         state = self._run("state", container_id, check=False, stdio=Stdio(stdout=subprocess.PIPE))

@@ -39,21 +39,28 @@ writes from the two writers never interleave)
 The write end is close-on-exec in the child: **EOF after ``ready`` without an
 error means execve succeeded.**
 
-Not done yet: seccomp (``linux.seccomp`` is ignored; needs a libseccomp
-binding), device rules on cgroup v2 (an eBPF program; v1 rules are written
+Seccomp (``linux.seccomp``) is loaded through libseccomp's binding in
+runc's order (see :meth:`Container.seccomp_apply`); ``process.terminal``
+makes fd 0 (a pty slave from the shim) the controlling terminal.
+Not done yet: device rules on cgroup v2 (an eBPF program; v1 rules are written
 here as a stopgap until the cgroup manager owns them), user
-namespaces, ``process.terminal`` (a console socket), apparmor/selinux labels.
+namespaces, a console socket for ``process.terminal``, apparmor/selinux labels.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno as _errno
+import encodings.ascii  # noqa: F401 - codecs and extension modules are imported before
+import errno as _errno   # pivot_root / setns(mnt): the host's stdlib is not reachable after
+import fcntl
 import json
 import os
 import resource
+import signal
+import socket
 import stat
 import sys
+import termios
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -76,6 +83,10 @@ DEV_SYMLINKS: tuple[tuple[str, str], ...] = (
     ("/proc/self/fd", "fd"), ("/proc/self/fd/0", "stdin"), ("/proc/self/fd/1", "stdout"),
     ("/proc/self/fd/2", "stderr"), ("pts/ptmx", "ptmx"),
 )
+
+#: pty ioctls Python's termios does not name
+TIOCSPTLCK = 0x40045431
+TIOCGPTPEER = 0x5441
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MAX_SYMLINKS = 255
@@ -454,15 +465,62 @@ class Container:
             self.stage = "domainname"
             self.sys.setdomainname(domain)
 
+    def console(self, console_fd: int) -> None:
+        """runc's console socket: make the pty in the container's own devpts (so ``tty`` names
+        /dev/pts/N inside), send its master to the caller over ``console_fd`` (a unix
+        socket), and make the slave our stdio."""
+        self.stage = "console"
+        master = os.open("/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        fcntl.ioctl(master, TIOCSPTLCK, b"\0\0\0\0")
+        slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+        with socket.socket(fileno=console_fd) as sock:
+            socket.send_fds(sock, [b"m"], [master])
+        os.close(master)
+        for n in range(3):
+            os.dup2(slave, n, inheritable=True)
+        os.close(slave)
+
+    def reset_signals(self) -> None:
+        """Default dispositions and an empty mask for the process we exec: what Python or the
+        shim ignore (SIGPIPE, SIGINT, SIGHUP) must not be inherited by the container."""
+        self.stage = "signals"
+        for sig in signal.valid_signals():
+            if sig in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
     def controlling_terminal(self) -> None:
         """``process.terminal``: fd 0 is a pty slave (the shim's); make it our controlling
         terminal in a new session, so shells get job control and ^C reaches the foreground."""
-        import fcntl
-        import termios
-
         self.stage = "terminal"
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    def seccomp_load(self) -> None:
+        """Import the libseccomp binding while the host's files are still reachable."""
+        if self.spec.get("linux", {}).get("seccomp"):
+            self.stage = "seccomp"
+            from agent.runtime import seccomp
+
+            seccomp.load_binding()
+
+    def seccomp_apply(self) -> None:
+        """Load ``linux.seccomp``: with no_new_privs right before execve; otherwise before the
+        credentials change, while CAP_SYS_ADMIN still allows it (runc's order)."""
+        profile = self.spec.get("linux", {}).get("seccomp")
+        if profile:
+            self.stage = "seccomp"
+            from agent.runtime import seccomp
+
+            seccomp.apply(profile)
+
+    @property
+    def no_new_privileges(self) -> bool:
+        return bool(self.spec.get("process", {}).get("noNewPrivileges"))
 
     def rlimits(self) -> None:
         process = self.spec.get("process", {})
@@ -545,6 +603,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cgroup-path")
     parser.add_argument("--sync-fd", type=int, required=True)
     parser.add_argument("--start-fd", type=int)
+    parser.add_argument("--console-fd", type=int)
     return parser.parse_args(argv)
 
 
@@ -585,10 +644,11 @@ def _rel(path: str) -> Any:
 
 
 def child(spec: Mapping[str, Any], bundle: str, sync_fd: int, start_fd: int | None,
-          sys_: Syscalls, host_mountinfo: str) -> NoReturn:
+          sys_: Syscalls, host_mountinfo: str, console_fd: int | None = None) -> NoReturn:
     """PID 1 of the container: set up, report ready, wait for start, exec."""
     c = Container(spec, bundle, sys_, host_mountinfo)
     try:
+        c.seccomp_load()
         namespaces = {ns.get("type") for ns in spec.get("linux", {}).get("namespaces", [])}
         if "mount" in namespaces:
             c.prepare_root()
@@ -602,10 +662,14 @@ def child(spec: Mapping[str, Any], bundle: str, sync_fd: int, start_fd: int | No
         if "uts" in namespaces:
             c.hostname()
         if spec.get("process", {}).get("terminal"):
+            if console_fd is not None:
+                c.console(console_fd)
             c.controlling_terminal()
         c.rlimits()
         c.chdir()
         c.close_fds()
+        if not c.no_new_privileges:
+            c.seccomp_apply()
         c.credentials()
         path, args, env = c.resolve_command()
     except BaseException as exc:  # noqa: BLE001 - everything is reported, then we exit
@@ -616,6 +680,9 @@ def child(spec: Mapping[str, Any], bundle: str, sync_fd: int, start_fd: int | No
             c.stage = "start"
             os.read(start_fd, 1)  # a byte, or EOF: start
             os.close(start_fd)
+        c.reset_signals()
+        if c.no_new_privileges:
+            c.seccomp_apply()
         c.stage = "exec"
         os.execve(path, args, env_mapping(env))
     except BaseException as exc:  # noqa: BLE001
@@ -652,7 +719,7 @@ def main(argv: list[str] | None = None, sys_: Syscalls | None = None) -> NoRetur
     except BaseException as exc:  # noqa: BLE001
         fail(sync_fd, stage, exc)
     if pid == 0:
-        child(spec, bundle, sync_fd, args.start_fd, sys_, host_mountinfo)
+        child(spec, bundle, sync_fd, args.start_fd, sys_, host_mountinfo, args.console_fd)
     send(sync_fd, {"pid": pid})
     os._exit(0)
 
