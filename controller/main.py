@@ -54,14 +54,14 @@ def container_group() -> None:
 
 
 for command in (runcmd.run, runcmd.create, runcmd.start, ctr.stop, ctr.restart, ctr.kill, ctr.rm, ctr.wait,
-                ctr.ps, ctr.logs, ctr.rename, runcmd.attach, img.pull, img.images, img.inspect, img.history,
+                ctr.ps, ctr.logs, ctr.rename, runcmd.attach, runcmd.exec_, img.pull, img.images, img.inspect, img.history,
                 img.tag, img.rmi, img.save, img.load, img.login, img.logout, system.version, system.info):
     cli.add_command(command)
 
 for name, command in (("run", runcmd.run), ("create", runcmd.create), ("start", runcmd.start),
                       ("stop", ctr.stop), ("restart", ctr.restart), ("kill", ctr.kill), ("rm", ctr.rm),
                       ("remove", ctr.rm), ("wait", ctr.wait), ("ls", ctr.ps), ("list", ctr.ps), ("ps", ctr.ps),
-                      ("logs", ctr.logs), ("rename", ctr.rename), ("attach", runcmd.attach),
+                      ("logs", ctr.logs), ("rename", ctr.rename), ("attach", runcmd.attach), ("exec", runcmd.exec_),
                       ("prune", ctr.prune)):
     container_group.add_command(command, name)
 

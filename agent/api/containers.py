@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +17,7 @@ from agent.containers.manager import ContainerManager
 from agent.containers.shims import ShimGone, ShimStream
 from agent.containers.store import RUNNING, ContainerRecord
 from agent.daemon import Daemon
-from agent.errors import Conflict, InvalidArgument, SkiffError
+from agent.errors import Conflict, ContainerStartFailed, Internal, InvalidArgument, SkiffError
 from agent.runtime.imageconfig import parse_signal
 from agent.shim import protocol as p
 from skiff.v1 import containers_pb2 as pb
@@ -229,6 +230,45 @@ class ContainersService(containers_pb2_grpc.ContainersServicer):
             final = await self.manager.wait(record.id)
             yield pb.StreamOutput(kind=pb.StreamOutput.EXIT, exit_code=int(final.state.get("exit_code") or 0),
                                   oom_killed=bool(final.state.get("oom_killed")))
+        finally:
+            pump.cancel()
+            with contextlib.suppress(BaseException):
+                await pump
+            stream.close()
+
+
+    async def Exec(self, request_iterator: AsyncIterator[pb.ExecInput],
+                   context: aio.ServicerContext) -> AsyncIterator[pb.StreamOutput]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            raise InvalidArgument("exec: the first message must describe the process")
+        record = self.manager.resolve(first.container)
+        if not record.running:
+            raise Conflict(f"container {record.id} is not running")
+        process = self.manager.exec_process(record, list(first.cmd), list(first.env), first.working_dir,
+                                            first.user, first.tty, first.privileged)
+        exec_id = secrets.token_hex(32)
+        size = [first.resize.rows, first.resize.cols] if first.HasField("resize") and first.resize.rows else None
+        try:
+            stream = await ShimStream.open(self.manager.state_dir(record.id), {
+                "op": "exec", "id": exec_id, "process": process, "tty": first.tty,
+                "stdin": first.stdin and not first.detach, "size": size})
+        except ShimGone:
+            raise Conflict(f"container {record.id} is not running") from None
+        except Internal as exc:
+            code = getattr(exc, "exit_code", None)
+            raise ContainerStartFailed(f"OCI runtime exec failed: {exc}", code or 126) from None
+        yield pb.StreamOutput(kind=pb.StreamOutput.STARTED, id=exec_id)
+        if first.detach:
+            stream.close()
+            return
+        pump = asyncio.create_task(_pump_input(request_iterator, stream))
+        try:
+            async for out in _relay(stream):
+                yield out
+                if out.kind == pb.StreamOutput.EXIT:
+                    return
+            yield pb.StreamOutput(kind=pb.StreamOutput.EXIT, exit_code=137)
         finally:
             pump.cancel()
             with contextlib.suppress(BaseException):

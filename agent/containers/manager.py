@@ -402,6 +402,49 @@ class ContainerManager:
         shutil.rmtree(self.bundle_dir(container_id), ignore_errors=True)
         shutil.rmtree(self.state_dir(container_id), ignore_errors=True)
 
+    # --- exec ----------------------------------------------------------------------------
+
+    def exec_process(self, record: ContainerRecord, cmd: list[str], env: list[str], working_dir: str,
+                     user: str, tty: bool, privileged: bool = False) -> dict[str, Any]:
+        """The OCI ``process`` for ``exec``: the container's, with docker exec's overrides."""
+        import json
+
+        if not cmd:
+            raise InvalidArgument("no command specified")
+        if working_dir and not working_dir.startswith("/"):
+            raise InvalidArgument(f"the working directory {working_dir!r} is invalid, it needs to be an "
+                                  "absolute path")
+        spec = json.loads((self.bundle_dir(record.id) / "config.json").read_text())
+        process = dict(spec["process"])
+        process["args"] = list(cmd)
+        process["terminal"] = tty
+        if env:
+            merged = {e.partition("=")[0]: e for e in process.get("env", [])}
+            for e in env:
+                if "=" not in e:
+                    raise InvalidArgument(f"invalid environment variable {e!r}: exec takes KEY=VALUE")
+                merged[e.partition("=")[0]] = e
+            process["env"] = list(merged.values())
+        if working_dir:
+            process["cwd"] = working_dir
+        if user:
+            resolved = imageconfig.resolve_user(self.snapshots.layers(str(record.config["snapshot"])), user)
+            process["user"] = {"uid": resolved.uid, "gid": resolved.gid,
+                               **({"additionalGids": resolved.additional_gids} if resolved.additional_gids else {})}
+            caps = process.get("capabilities") or {}
+            if resolved.uid != 0:
+                process["capabilities"] = {**caps, "effective": [], "permitted": []}
+            else:
+                bounding = list(caps.get("bounding") or [])
+                process["capabilities"] = {**caps, "effective": bounding, "permitted": bounding}
+        if privileged:
+            from agent.runtime.spec import all_capabilities
+
+            every = all_capabilities()
+            process["capabilities"] = {"bounding": every, "effective": every, "permitted": every,
+                                       "inheritable": [], "ambient": []}
+        return process
+
     def rename(self, ref: str, name: str) -> None:
         self.store.rename(self.resolve(ref), name)
 
@@ -459,15 +502,13 @@ def _parse_profile(text: str) -> dict[str, Any]:
     return doc
 
 
-def _seccomp_profile(choice: Any, spec: dict[str, Any]) -> dict[str, Any] | None:
-    try:
-        from agent.runtime import seccomp
-    except ImportError:
-        return None
+def _seccomp_profile(choice: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    from agent.runtime import seccomp
+
     caps = list(spec["process"]["capabilities"]["bounding"])
     if choice == "default":
         return seccomp.default_profile(capabilities=caps)
-    return seccomp.profile_from_docker(choice) if hasattr(seccomp, "profile_from_docker") else dict(choice)
+    return seccomp.profile_from_docker(choice, capabilities=caps)
 
 
 def _start_message(record: ContainerRecord, exc: ShimLaunchError) -> str:

@@ -154,6 +154,14 @@ async def call(state_dir: Path, request: dict[str, Any], timeout: float = 30.0) 
     return dict(json.loads(line))
 
 
+class ShimRefused(Internal):
+    """The shim answered a request with an error (``exit_code`` when it has one)."""
+
+    def __init__(self, message: str, exit_code: int = 0) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class ShimStream:
     """A streaming connection (attach or wait): the reply, then frames."""
 
@@ -173,7 +181,7 @@ class ShimStream:
         reply = dict(json.loads(line))
         if "error" in reply:
             writer.close()
-            raise Internal(str(reply["error"]))
+            raise ShimRefused(str(reply["error"]), int(reply.get("exit_code") or 0))
         return cls(reader, writer, reply)
 
     async def next_frame(self) -> tuple[int, bytes] | None:

@@ -43,6 +43,7 @@ from typing import Any
 from agent.containers.jsonlog import LogOptions, LogWriter
 from agent.runtime import syscalls as sc
 from agent.runtime.executor import BuiltinExecutor, ContainerStartError, RuncExecutor, Stdio
+from agent.runtime.init import TIOCGPTPEER, TIOCSPTLCK
 from agent.shim import protocol as p
 
 CONTROL_FD = 3
@@ -56,6 +57,12 @@ DRAIN_TIMEOUT = 2.0
 MAX_MOUNT_DATA = 3500
 
 
+class ExecFailed(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class Client:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -66,6 +73,21 @@ class Client:
         self.stdin = False
         self.frames = p.FrameReader()
         self.closing = False
+        self.session: ExecSession | None = None
+
+
+class ExecSession:
+    """One ``exec``: its process, its stdio, and the one client that follows it."""
+
+    def __init__(self, exec_id: str, client: Client | None, tty: bool) -> None:
+        self.id = exec_id
+        self.client = client
+        self.tty = tty
+        self.pid = 0
+        self.outputs: dict[int, int] = {}
+        self.stdin_fd = -1
+        self.master = -1
+        self.exit_code: int | None = None
 
 
 class Shim:
@@ -103,6 +125,7 @@ class Shim:
         self.started_at = 0
         self.exit_code: int | None = None
         self.exited_at = 0.0
+        self.sessions: dict[int, ExecSession] = {}   # pid -> session
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # --- set-up ----------------------------------------------------------------
@@ -123,19 +146,44 @@ class Shim:
         self.listener.listen(64)
         self.listener.setblocking(False)
         self.mount_rootfs()
-        stdio, child_ends = self.make_stdio()
+        console: socket.socket | None = None
+        if self.tty and isinstance(self.executor, BuiltinExecutor):
+            console, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            stdio, child_ends = Stdio(), [theirs.detach()]
+            kwargs = {"console_fd": child_ends[0]}
+        else:
+            stdio, child_ends = self.make_stdio()
+            kwargs = {}
         try:
             if self.a.get("start", True):
-                process = self.executor.run(self.bundle, self.id, stdio)
+                process = self.executor.run(self.bundle, self.id, stdio, **kwargs)
                 self.status = "running"
                 self.started_at = time.time_ns()
             else:
-                process = self.executor.create(self.bundle, self.id, stdio)
+                process = self.executor.create(self.bundle, self.id, stdio, **kwargs)
                 self.status = "created"
         finally:
             for fd in child_ends:
                 os.close(fd)
         self.pid = process.pid
+        if console is not None:
+            with console:
+                self.take_console(console)
+
+    def take_console(self, console: socket.socket) -> None:
+        """The pty master the init made in the container's devpts (see init.Container.console)."""
+        console.settimeout(10)
+        _, fds, _, _ = socket.recv_fds(console, 16, 1)
+        if not fds:
+            raise OSError(errno.EPROTO, "the container's init sent no console")
+        self.master = fds[0]
+        os.set_blocking(self.master, False)
+        size = self.a.get("size")
+        if size:
+            _set_winsize(self.master, int(size[0]), int(size[1]))
+        self.outputs[self.master] = p.STDOUT
+        if self.open_stdin:
+            self.stdin_fd = self.master
 
     def mount_rootfs(self) -> None:
         os.makedirs(self.rootfs, exist_ok=True)
@@ -224,6 +272,8 @@ class Shim:
                     self.read_output(key.fd)
                 elif kind == "stdin":
                     self.flush_stdin()
+                elif isinstance(kind, ExecSession):
+                    self.read_exec_output(kind, key.fd)
                 elif isinstance(kind, Client):
                     if events & selectors.EVENT_READ:
                         self.client_readable(kind)
@@ -239,6 +289,11 @@ class Shim:
                 return
             if pid == 0:
                 return
+            session = self.sessions.get(pid)
+            if session is not None:
+                code = os.waitstatus_to_exitcode(status)
+                session.exit_code = 128 - code if code < 0 else code
+                self.maybe_end_exec(session)
             if pid == self.pid and self.exit_code is None:
                 code = os.waitstatus_to_exitcode(status)
                 self.exit_code = 128 - code if code < 0 else code
@@ -361,6 +416,9 @@ class Shim:
         self.sel.unregister(client.sock)
         self.clients.pop(fd, None)
         client.sock.close()
+        if client.session is not None:
+            client.session.client = None
+            self._close_exec_stdin(client.session)
         if client.mode == "attach" and client.stdin and self.stdin_once and not self.tty:
             self.close_stdin(when_flushed=True)
         self._update_reading()
@@ -440,6 +498,9 @@ class Shim:
                 self.client_frame(client, kind, payload)
 
     def client_frame(self, client: Client, kind: int, payload: bytes) -> None:
+        if client.session is not None:
+            self.exec_frame(client.session, kind, payload)
+            return
         if kind == p.STDIN and client.stdin:
             self.write_stdin(payload)
         elif kind == p.CLOSE_STDIN and client.stdin:
@@ -490,6 +551,16 @@ class Shim:
             else:
                 os.kill(self.pid, sig)
             return {"ok": True}
+        if op == "exec":
+            if self.status != "running" or self.exit_code is not None:
+                return {"error": f"container {self.id} is not running", "exit_code": 126}
+            try:
+                session = self.start_exec(client, req)
+            except ExecFailed as exc:
+                return {"error": str(exc), "exit_code": exc.exit_code}
+            client.mode = "exec"
+            client.session = session
+            return {"ok": True, "pid": session.pid}
         if op == "resize":
             self.resize(int(req["rows"]), int(req["cols"]))
             return {"ok": True}
@@ -497,6 +568,165 @@ class Shim:
             self.close_stdin(when_flushed=True)
             return {"ok": True}
         return {"error": f"unknown op {op!r}"}
+
+    # --- exec ------------------------------------------------------------------------
+
+    def start_exec(self, client: Client, req: dict[str, Any]) -> ExecSession:
+        tty = bool(req.get("tty"))
+        want_stdin = bool(req.get("stdin"))
+        session = ExecSession(str(req.get("id") or ""), client, tty)
+        child_ends: list[int] = []
+        if tty:
+            session.master, slave = _container_pty(self.pid)
+            os.set_blocking(session.master, False)
+            size = req.get("size")
+            if size:
+                _set_winsize(session.master, int(size[0]), int(size[1]))
+            session.outputs[session.master] = p.STDOUT
+            if want_stdin:
+                session.stdin_fd = session.master
+            stdio = (slave, slave, slave)
+            child_ends.append(slave)
+        else:
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            session.outputs.update({out_r: p.STDOUT, err_r: p.STDERR})
+            if want_stdin:
+                in_r, session.stdin_fd = os.pipe2(os.O_CLOEXEC)
+            else:
+                in_r = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            stdio = (in_r, out_w, err_w)
+            child_ends += [in_r, out_w, err_w]
+        try:
+            session.pid = self._spawn_exec(dict(req["process"]), stdio, tty)
+        except BaseException:
+            for fd in [*session.outputs, session.stdin_fd]:
+                if fd >= 0 and fd != session.master:
+                    os.close(fd)
+            if session.master >= 0:
+                os.close(session.master)
+            raise
+        finally:
+            for fd in child_ends:
+                os.close(fd)
+        for fd in session.outputs:
+            os.set_blocking(fd, False)
+            self.sel.register(fd, selectors.EVENT_READ, session)
+        self.sessions[session.pid] = session
+        return session
+
+    def _spawn_exec(self, process: dict[str, Any], stdio: tuple[int, int, int], tty: bool) -> int:
+        from agent.runtime.executor import read_messages
+        from agent.runtime.init import exit_code_for
+
+        if isinstance(self.executor, RuncExecutor):
+            process["terminal"] = False  # no console socket: the pty is plain stdio
+            try:
+                return self.executor.exec(self.id, process, Stdio(*stdio))
+            except ContainerStartError as exc:
+                raise ExecFailed(str(exc), exc.exit_code) from None
+        from agent.runtime import nsexec
+
+        process["terminal"] = tty
+        sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with open(os.path.join(self.bundle, "config.json"), encoding="utf-8") as f:
+                seccomp = json.load(f).get("linux", {}).get("seccomp")
+            middle = nsexec.spawn(self.pid, process, self.cgroup_path, stdio, sync_w, seccomp)
+            os.close(sync_w)
+            sync_w = -1
+            messages = read_messages(sync_r, until_ready=False, timeout=30)
+        finally:
+            os.close(sync_r)
+            if sync_w >= 0:
+                os.close(sync_w)
+        try:
+            os.waitpid(middle, 0)
+        except ChildProcessError:
+            pass
+        pid = next((int(m["pid"]) for m in messages if "pid" in m), 0)
+        error = next((m for m in messages if "error" in m), None)
+        if error is not None:
+            stage, err = str(error.get("stage") or "exec"), int(error.get("errno") or 0)
+            if pid:  # the grandchild failed before exec: it exits by itself; collect it below
+                self.sessions[pid] = ExecSession("", None, False)
+            raise ExecFailed(f"exec failed: {stage}: {error['error']}", exit_code_for(stage, err))
+        if not pid:
+            raise ExecFailed("exec failed: the helper did not report a pid", 126)
+        return pid
+
+    def read_exec_output(self, session: ExecSession, fd: int) -> None:
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            data = b""
+        if not data:
+            self.sel.unregister(fd)
+            del session.outputs[fd]
+            if fd == session.master:
+                session.master = -1
+                if session.stdin_fd == fd:
+                    session.stdin_fd = -1
+            os.close(fd)
+            self.maybe_end_exec(session)
+            return
+        if session.client is not None:
+            self.send(session.client, p.frame(session.outputs[fd], data))
+
+    def exec_frame(self, session: ExecSession, kind: int, payload: bytes) -> None:
+        if kind == p.STDIN and session.stdin_fd >= 0:
+            try:
+                os.write(session.stdin_fd, payload)  # small interactive writes; a full pipe blocks briefly
+            except OSError:
+                pass
+        elif kind == p.CLOSE_STDIN:
+            self._close_exec_stdin(session)
+        elif kind == p.RESIZE and session.master >= 0:
+            size = json.loads(payload)
+            _set_winsize(session.master, int(size["rows"]), int(size["cols"]))
+
+    def _close_exec_stdin(self, session: ExecSession) -> None:
+        if session.stdin_fd < 0:
+            return
+        if session.stdin_fd == session.master:
+            try:
+                os.write(session.master, b"\x04")
+            except OSError:
+                pass
+            return
+        os.close(session.stdin_fd)
+        session.stdin_fd = -1
+
+    def maybe_end_exec(self, session: ExecSession) -> None:
+        if session.exit_code is None or session.outputs:
+            return
+        self.sessions.pop(session.pid, None)
+        if session.stdin_fd >= 0 and session.stdin_fd != session.master:
+            os.close(session.stdin_fd)
+            session.stdin_fd = -1
+        client = session.client
+        if client is not None:
+            self.send(client, p.json_frame(p.EXIT, {"exit_code": session.exit_code}))
+            client.closing = True
+            self.client_flush(client)
+
+    def end_sessions(self) -> None:
+        """The container is gone: exec'd processes died with it; tell their clients."""
+        self.reap()
+        for session in list(self.sessions.values()):
+            for fd in list(session.outputs):
+                self.read_exec_output(session, fd)  # what is buffered, or EOF
+                if fd in session.outputs:
+                    self.sel.unregister(fd)
+                    del session.outputs[fd]
+                    os.close(fd)
+            if session.exit_code is None:
+                session.exit_code = 137
+            self.maybe_end_exec(session)
 
     # --- the end ---------------------------------------------------------------------
 
@@ -516,6 +746,7 @@ class Shim:
         except Exception as exc:  # noqa: BLE001
             error = f"delete: {exc}"
         self.unmount()
+        self.end_sessions()
         code = self.exit_code if self.exit_code is not None else 255
         record = {"exit_code": code, "oom_killed": oom, "finished_at": time.time_ns(),
                   "started_at": self.started_at, "pid": self.pid, "error": error}
@@ -580,6 +811,21 @@ def _relative_lowerdirs(options: list[str]) -> tuple[str, list[str]]:
             opt = "lowerdir=" + ":".join(os.path.relpath(d, cwd) for d in dirs)
         out.append(opt)
     return cwd, out
+
+
+def _container_pty(pid: int) -> tuple[int, int]:
+    """A pty from the container's own devpts (``tty`` inside names it), else the host's."""
+    try:
+        master = os.open(f"/proc/{pid}/root/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return os.openpty()
+    try:
+        fcntl.ioctl(master, TIOCSPTLCK, b"\0\0\0\0")
+        slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        os.close(master)
+        return os.openpty()
+    return master, slave
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:

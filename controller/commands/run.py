@@ -190,12 +190,13 @@ async def create_container(agent: Agent, config: pb.ContainerConfig, platform: s
     return resp.id
 
 
-async def attach_stream(agent: Agent, first: pb.AttachInput, *, stdin: bool, tty: bool,
+async def attach_stream(agent: Agent, first: pb.AttachInput | pb.ExecInput, *, stdin: bool, tty: bool,
                         detach_keys: str = "ctrl-p,ctrl-q", proxy_signals: bool = True) -> int:
-    """Run one Attach stream to its end: local stdin in, output out; the container's exit code
-    (or 0 after a detach)."""
+    """Run one Attach (or Exec) stream to its end: local stdin in, output out; the exit code
+    of the container (or exec'd process), or 0 after a detach."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[pb.AttachInput | None] = asyncio.Queue()
+    message: Any = type(first)
+    queue: asyncio.Queue[Any] = asyncio.Queue()
     interactive_tty = tty and stdin and os.isatty(0)
     terminal: Any = None
     detach = None
@@ -213,11 +214,12 @@ async def attach_stream(agent: Agent, first: pb.AttachInput, *, stdin: bool, tty
             terminal = term.RawTerminal(0)
     await queue.put(first)
 
-    async def requests() -> AsyncIterator[pb.AttachInput]:
+    async def requests() -> AsyncIterator[Any]:
         while (msg := await queue.get()) is not None:
             yield msg
 
-    call = agent.containers.Attach(requests())
+    call: Any = (agent.containers.Attach(requests()) if isinstance(first, pb.AttachInput)
+                 else agent.containers.Exec(requests()))
     detached = asyncio.Event()
 
     async def pump_stdin() -> None:
@@ -227,14 +229,14 @@ async def attach_stream(agent: Agent, first: pb.AttachInput, *, stdin: bool, tty
             if detach is not None:
                 chunk, done = detach.feed(chunk)
                 if chunk:
-                    await queue.put(pb.AttachInput(data=chunk))
+                    await queue.put(message(data=chunk))
                 if done:
                     detached.set()
                     call.cancel()
                     return
             else:
-                await queue.put(pb.AttachInput(data=chunk))
-        await queue.put(pb.AttachInput(close_stdin=True))
+                await queue.put(message(data=chunk))
+        await queue.put(message(close_stdin=True))
 
     tasks: list[asyncio.Task[Any]] = []
     container_id = ""
@@ -255,7 +257,7 @@ async def attach_stream(agent: Agent, first: pb.AttachInput, *, stdin: bool, tty
                     from controller import terminal as term
 
                     def resized(rows: int, cols: int) -> None:
-                        queue.put_nowait(pb.AttachInput(resize=pb.TerminalSize(rows=rows, cols=cols)))
+                        queue.put_nowait(message(resize=pb.TerminalSize(rows=rows, cols=cols)))
 
                     unwatch.append(term.watch_resize(1 if os.isatty(1) else 0, resized))
                 if proxy_signals and not tty:
@@ -403,3 +405,48 @@ def attach(ctx: Context, container: str, no_stdin: bool, sig_proxy: bool, detach
                                    proxy_signals=sig_proxy)
 
     sys.exit(run_agent(ctx, go))
+
+
+@click.command("exec", context_settings={"allow_interspersed_args": False})
+@click.option("-d", "--detach", is_flag=True, help="Detached mode: run command in the background.")
+@click.option("--detach-keys", default="ctrl-p,ctrl-q", help="Override the key sequence for detaching a container.")
+@click.option("-e", "--env", "env", multiple=True, help="Set environment variables.")
+@click.option("--env-file", multiple=True, help="Read in a file of environment variables.")
+@click.option("-i", "--interactive", is_flag=True, help="Keep STDIN open even if not attached.")
+@click.option("--privileged", is_flag=True, help="Give extended privileges to the command.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-TTY.")
+@click.option("-u", "--user", default="", help="Username or UID (format: <name|uid>[:<group|gid>]).")
+@click.option("-w", "--workdir", default="", help="Working directory inside the container.")
+@click.argument("container")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@pass_ctx
+def exec_(ctx: Context, container: str, command: tuple[str, ...], detach: bool, detach_keys: str,
+          env: tuple[str, ...], env_file: tuple[str, ...], interactive: bool, privileged: bool, tty: bool,
+          user: str, workdir: str) -> None:
+    """Execute a command in a running container."""
+    from agent.runtime.imageconfig import parse_env_file
+
+    variables = []
+    for path in env_file:
+        variables += parse_env_file(_read_file(path, "--env-file"), dict(os.environ), name=path)
+    variables += _env(env)
+    first = pb.ExecInput(container=container, cmd=list(command), env=variables, working_dir=workdir, user=user,
+                         tty=tty, stdin=interactive, detach=detach, privileged=privileged)
+
+    async def go(agent: Agent) -> int:
+        if detach:
+            async def one() -> AsyncIterator[pb.ExecInput]:
+                yield first
+            async for _ in agent.containers.Exec(one()):
+                pass
+            return 0
+        return await attach_stream(agent, first, stdin=interactive, tty=tty, detach_keys=detach_keys,
+                                   proxy_signals=False)
+
+    sys.exit(_run_126(ctx, go))
+
+
+def _run_126(ctx: Context, go: Callable[[Agent], Any]) -> Any:
+    """docker exec: failures of skiff itself exit 126 when the agent gave no code... unless
+    the container is missing or stopped, which docker reports with 1."""
+    return run_agent(ctx, go)

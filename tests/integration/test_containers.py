@@ -7,6 +7,7 @@ Every test leaves no container, mount, cgroup or process behind (the
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from tests.support.agent import AgentProcess
 from tests.support.leftovers import Leftovers
+from tests.support.ptydriver import PtyProcess
 from tests.support.registry import Registry
 
 
@@ -78,6 +80,39 @@ def test_isolation_defaults(agent: AgentProcess, image: str, clean: None) -> Non
     devs = set(out.strip().splitlines()[-1].split())
     assert {"null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "mqueue"} <= devs
     assert not devs & {"sda", "vda", "mem", "kmsg"}
+
+
+def test_seccomp_default_and_unconfined(agent: AgentProcess, image: str, clean: None) -> None:
+    confined = agent.ok("run", "--rm", image, "grep", "Seccomp:", "/proc/self/status")
+    assert confined.split() == ["Seccomp:", "2"]
+    nnp = agent.ok("run", "--rm", "--security-opt", "no-new-privileges", image, "grep", "-E",
+                   "Seccomp:|NoNewPrivs:", "/proc/self/status")
+    assert "NoNewPrivs:\t1" in nnp and "Seccomp:\t2" in nnp
+    unconfined = agent.ok("run", "--rm", "--security-opt", "seccomp=unconfined", image,
+                          "grep", "Seccomp:", "/proc/self/status")
+    assert unconfined.split() == ["Seccomp:", "0"]
+
+
+def test_exec(agent: AgentProcess, image: str, clean: None) -> None:
+    agent.ok("run", "-d", "--name", "target", "-e", "FROM_RUN=1", image, "sleep", "1000")
+    out = agent.ok("exec", "-e", "EXTRA=2", "-w", "/tmp", "target", "sh", "-c",
+                   "echo $FROM_RUN $EXTRA $(pwd) $$; grep -E 'CapEff|Seccomp:' /proc/self/status")
+    words = out.split()
+    assert words[:3] == ["1", "2", "/tmp"] and int(words[3]) > 1
+    assert "00000000a80425fb" in out and "Seccomp:\t2" in out
+    assert agent.cli("exec", "target", "sh", "-c", "exit 42").code == 42
+    missing = agent.cli("exec", "target", "no-such-command")
+    assert missing.code == 127 and len(missing.err.strip().splitlines()) == 1
+    assert agent.ok("exec", "-u", "app", "target", "id", "-u") == "1000\n"
+    assert agent.ok("exec", "-i", "target", "cat", input=b"piped\n") == "piped\n"
+    agent.ok("exec", "-d", "target", "sh", "-c", "echo detached > /tmp/flag")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and agent.cli("exec", "target", "cat", "/tmp/flag").out != "detached\n":
+        time.sleep(0.05)
+    assert agent.ok("exec", "target", "cat", "/tmp/flag") == "detached\n"
+    agent.ok("stop", "-t", "0", "target")
+    stopped = agent.cli("exec", "target", "true")
+    assert stopped.code != 0 and "not running" in stopped.err
 
 
 def test_detached_lifecycle(agent: AgentProcess, image: str, clean: None) -> None:
@@ -182,3 +217,47 @@ def test_live_restore(fresh_agent: AgentProcess, registry: Registry) -> None:
     assert _inspect(agent, "keeps")["State"]["ExitCode"] == 137
     agent.remove_all_containers()
     Leftovers.snapshot().assert_same_as(before)
+
+
+def _pty(agent: AgentProcess, *args: str) -> PtyProcess:
+    import os
+    import sys
+
+    return PtyProcess.spawn([str(Path(sys.executable).parent / "skiff"), *args],
+                            env={**os.environ, "SKIFF_HOST": agent.host, "TERM": "xterm"}, rows=30, cols=100)
+
+
+def test_exec_it_is_a_real_terminal(agent: AgentProcess, image: str, clean: None) -> None:
+    agent.ok("run", "-d", "--name", "tty-target", image, "sleep", "1000")
+    with _pty(agent, "exec", "-it", "tty-target", "sh") as term:
+        term.expect(b"# ")
+        term.send(b"stty size; tty\r")
+        term.expect(re.compile(rb"30 100\r?\n/dev/pts/\d+"))
+        term.resize(40, 120)
+        term.send(b"stty size\r")
+        term.expect(b"40 120")
+        term.send(b"sleep 30\r")
+        time.sleep(0.3)
+        term.send(b"\x03")  # Ctrl-C reaches the foreground job inside, not the CLI
+        term.expect(b"^C")
+        term.expect(b"# ", timeout=5)
+        term.send(b"echo rc=$?\r")
+        term.expect(b"rc=130")
+        term.send(b"exit 3\r")
+        assert term.wait(10) == 3
+
+
+def test_run_it_and_detach(agent: AgentProcess, image: str, clean: None) -> None:
+    with _pty(agent, "run", "-it", "--name", "interactive", image, "sh") as term:
+        term.expect(b"# ")
+        term.send(b"echo $((6*7)); tty\r")
+        term.expect(re.compile(rb"42\r\n/dev/pts/0"))
+        term.send(b"\x10\x11")  # Ctrl-P Ctrl-Q
+        assert term.wait(10) == 0
+    assert _inspect(agent, "interactive")["State"]["Running"]
+    with _pty(agent, "attach", "interactive") as term:
+        term.send(b"echo again\r")
+        term.expect(b"again")
+        term.send(b"exit 5\r")
+        assert term.wait(10) == 5
+    assert _inspect(agent, "interactive")["State"]["ExitCode"] == 5
