@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,6 +28,8 @@ class DaemonConfig:
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
     shutdown_timeout: float = 15.0
+    #: where containers' cgroups go (cgroupfs path), as dockerd's --cgroup-parent
+    cgroup_parent: str = "/skiff"
 
     def __post_init__(self) -> None:
         if not self.hosts:
@@ -61,6 +64,7 @@ _KEYS = {
     "log-level": "log_level",
     "log-format": "log_format",
     "shutdown-timeout": "shutdown_timeout",
+    "cgroup-parent": "cgroup_parent",
 }
 
 
@@ -111,6 +115,9 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> DaemonConfig:
         values[name] = _coerce(name, list(value) if isinstance(value, tuple) else value)
     if values.get("log_format", "auto") not in ("auto", "json", "console"):
         raise InvalidArgument(f"log-format must be auto, json or console, not {values['log_format']!r}")
+    parent = str(values.get("cgroup_parent", "/skiff"))
+    if not re.fullmatch(r"(/[A-Za-z0-9_.@-]+)+", parent) or ".." in parent.split("/"):
+        raise InvalidArgument(f"cgroup-parent must be an absolute cgroup path like /skiff, not {parent!r}")
     config = DaemonConfig(**values)
     for host in config.hosts:
         if not host.startswith("unix://"):

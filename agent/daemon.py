@@ -55,7 +55,8 @@ class Daemon:
                              max_concurrent_downloads=max(1, config.max_concurrent_downloads))
         self.shims = ShimPool(config.exec_root / "shim.log")
         self.containers = ContainerManager(config.data_root, config.exec_root, ContainerStore(self.db),
-                                           self.images, self.content, self.snapshots, self.shims)
+                                           self.images, self.content, self.snapshots, self.shims,
+                                           cgroup_parent=config.cgroup_parent)
 
     @staticmethod
     def _lock(path: Path) -> int:

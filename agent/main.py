@@ -24,12 +24,14 @@ from agent.log import configure
 @click.option("-G", "--group", help="Group owning the unix socket [skiff].")
 @click.option("--insecure-registry", "insecure_registries", multiple=True,
               help="Registry (host:port or CIDR) that may be reached over plain HTTP.")
+@click.option("--cgroup-parent", help="Parent cgroup of every container's cgroup [/skiff].")
 @click.option("--max-concurrent-downloads", type=int, help="Parallel layer downloads per pull [3].")
 @click.option("-l", "--log-level", type=click.Choice(["debug", "info", "warn", "error"]), help="[info]")
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]), help="[auto]")
 @click.version_option(__version__, "-v", "--version", prog_name="skiffd")
 def cli(config_file: Path, data_root: Path | None, exec_root: Path | None, hosts: tuple[str, ...],
-        group: str | None, insecure_registries: tuple[str, ...], max_concurrent_downloads: int | None,
+        group: str | None, insecure_registries: tuple[str, ...], cgroup_parent: str | None,
+        max_concurrent_downloads: int | None,
         log_level: str | None, log_format: str | None) -> None:
     """skiffd: the skiff agent, a container runtime served over gRPC."""
     try:
@@ -37,7 +39,7 @@ def cli(config_file: Path, data_root: Path | None, exec_root: Path | None, hosts
             "data_root": str(data_root) if data_root else None,
             "exec_root": str(exec_root) if exec_root else None,
             "hosts": hosts, "group": group, "insecure_registries": insecure_registries,
-            "max_concurrent_downloads": max_concurrent_downloads,
+            "max_concurrent_downloads": max_concurrent_downloads, "cgroup_parent": cgroup_parent,
             "log_level": "warning" if log_level == "warn" else log_level, "log_format": log_format,
         })
         configure(config.log_level, config.log_format)

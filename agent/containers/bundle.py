@@ -79,8 +79,8 @@ def resources(config: dict[str, Any]) -> specmod.Resources:
         pids_limit=r.get("pids_limit", specmod.DEFAULT_PIDS_LIMIT))
 
 
-def spec_options(container_id: str, config: dict[str, Any], bundle: Path,
-                 user_roots: list[Path], swap_limit_supported: bool = True) -> specmod.ContainerSpecOptions:
+def spec_options(container_id: str, config: dict[str, Any], bundle: Path, user_roots: list[Path],
+                 cgroup_path: str, swap_limit_supported: bool = True) -> specmod.ContainerSpecOptions:
     """The options :func:`agent.runtime.spec.build_spec` takes, for this container's start."""
     user = resolve_user(user_roots, str(config.get("user") or ""))
     args = list(config["args"])
@@ -104,7 +104,7 @@ def spec_options(container_id: str, config: dict[str, Any], bundle: Path,
         no_new_privileges=bool(config.get("no_new_privileges")), privileged=bool(config.get("privileged")),
         network_mode=network, hostname_path=hostname_path, hosts_path=hosts_path,
         resolv_conf_path=resolv_path, mounts=mounts, ulimits=ulimits, resources=resources(config),
-        cgroups_path=f"/skiff/{container_id}", annotations={"org.skiff.container": container_id},
+        cgroups_path=cgroup_path, annotations={"org.skiff.container": container_id},
         shm_size=int(config.get("shm_size") or specmod.DEFAULT_SHM_SIZE),
         swap_limit_supported=swap_limit_supported)
 

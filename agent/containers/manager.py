@@ -53,7 +53,8 @@ def snapshot_key(container_id: str) -> str:
 
 class ContainerManager:
     def __init__(self, data_root: Path, exec_root: Path, store: ContainerStore, images: ImageStore,
-                 content: ContentStore, snapshots: OverlaySnapshotter, pool: ShimPool) -> None:
+                 content: ContentStore, snapshots: OverlaySnapshotter, pool: ShimPool,
+                 cgroup_parent: str = "/skiff") -> None:
         self.data_root = data_root / "containers"
         self.exec_root = exec_root / "containers"
         self.runtime_root = exec_root / "runtime"
@@ -62,6 +63,7 @@ class ContainerManager:
         self.content = content
         self.snapshots = snapshots
         self.pool = pool
+        self.cgroup_parent = cgroup_parent.rstrip("/")
         self._locks: dict[str, asyncio.Lock] = {}
         self._exited: dict[str, asyncio.Event] = {}
         self._monitors: dict[str, asyncio.Task[None]] = {}
@@ -76,6 +78,9 @@ class ContainerManager:
 
     def log_path(self, container_id: str) -> Path:
         return self.bundle_dir(container_id) / f"{container_id}-json.log"
+
+    def cgroup_path(self, container_id: str) -> str:
+        return f"{self.cgroup_parent}/{container_id}"
 
     def lock(self, container_id: str) -> asyncio.Lock:
         return self._locks.setdefault(container_id, asyncio.Lock())
@@ -160,7 +165,8 @@ class ContainerManager:
 
         scratch = bundle if not validate_only else self.data_root / ".validate" / record.id
         try:
-            opts = bundlemod.spec_options(record.id, record.config, scratch, layers)
+            opts = bundlemod.spec_options(record.id, record.config, scratch, layers,
+                                          cgroup_path=self.cgroup_path(record.id))
             spec = build_spec(opts)
             detect().validate(resources_from_spec(spec["linux"].get("resources")))
         finally:
@@ -217,7 +223,7 @@ class ContainerManager:
             "log_path": str(self.log_path(record.id)), "log_opts": config.get("log_opts") or {},
             "tty": bool(config.get("tty")), "open_stdin": bool(config.get("open_stdin")),
             "stdin_once": bool(config.get("stdin_once")), "start": start,
-            "cgroup_path": f"/skiff/{record.id}", "size": list(size) if size else None,
+            "cgroup_path": self.cgroup_path(record.id), "size": list(size) if size else None,
         }
         self._exited[record.id] = asyncio.Event()
         try:

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from tests.support.agent import AgentProcess
-from tests.support.leftovers import Leftovers
 from tests.support.ptydriver import PtyProcess
 from tests.support.registry import Registry
 
@@ -29,10 +28,10 @@ def image(agent: AgentProcess, registry: Registry) -> str:
 
 @pytest.fixture
 def clean(agent: AgentProcess) -> Iterator[None]:
-    before = Leftovers.snapshot()
+    before = agent.leftovers()
     yield
     agent.remove_all_containers()
-    Leftovers.snapshot().assert_same_as(before)
+    agent.leftovers().assert_same_as(before)
 
 
 def _inspect(agent: AgentProcess, name: str) -> dict:
@@ -194,8 +193,8 @@ def test_init_reaps_and_forwards(agent: AgentProcess, image: str, clean: None) -
 
 
 def test_live_restore(fresh_agent: AgentProcess, registry: Registry) -> None:
-    before = Leftovers.snapshot()
     agent = fresh_agent
+    before = agent.leftovers()
     ref = f"{registry.host}/busybox:1"
     agent.ok("pull", "-q", ref)
     agent.ok("run", "-d", "--name", "keeps", ref, "sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); "
@@ -216,7 +215,7 @@ def test_live_restore(fresh_agent: AgentProcess, registry: Registry) -> None:
     agent.ok("stop", "-t", "1", "keeps")
     assert _inspect(agent, "keeps")["State"]["ExitCode"] == 137
     agent.remove_all_containers()
-    Leftovers.snapshot().assert_same_as(before)
+    agent.leftovers().assert_same_as(before)
 
 
 def _pty(agent: AgentProcess, *args: str) -> PtyProcess:
@@ -261,3 +260,18 @@ def test_run_it_and_detach(agent: AgentProcess, image: str, clean: None) -> None
         term.send(b"exit 5\r")
         assert term.wait(10) == 5
     assert _inspect(agent, "interactive")["State"]["ExitCode"] == 5
+
+
+def test_top_lists_the_container_processes(agent: AgentProcess, image: str, clean: None) -> None:
+    agent.ok("run", "-d", "--name", "topped", image, "sh", "-c", "sleep 1000 & sleep 999; true")
+    deadline = time.monotonic() + 5
+    out = ""
+    while time.monotonic() < deadline and "sleep 1000" not in out:
+        out = agent.ok("top", "topped")
+        time.sleep(0.05)
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["UID", "PID", "PPID"]
+    commands = [line.split(None, 7)[-1] for line in lines[1:]]
+    assert sorted(commands) == ["sh -c sleep 1000 & sleep 999; true", "sleep 1000", "sleep 999"]
+    custom = agent.ok("top", "topped", "-o", "pid,comm").splitlines()
+    assert custom[0].split() == ["PID", "COMMAND"] and len(custom) == 4

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.leftovers import Leftovers
+
 BIN = Path(sys.executable).parent
 
 
@@ -29,6 +31,7 @@ class AgentProcess:
         self.exec_root = root / "run"
         self.socket = self.exec_root / "skiffd.sock"
         self.log_path = root / "skiffd.log"
+        self.cgroup_parent = f"/skiff-test-{os.getpid()}-{id(self):x}"
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -43,7 +46,7 @@ class AgentProcess:
         self.proc = subprocess.Popen(
             [str(BIN / "skiffd"), "--config-file", str(self.root / "daemon.toml"),
              "--data-root", str(self.data_root), "--exec-root", str(self.exec_root),
-             "--log-format", "json", *self.extra_args],
+             "--log-format", "json", "--cgroup-parent", self.cgroup_parent, *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         log.close()
@@ -73,6 +76,10 @@ class AgentProcess:
         assert result.code == 0, f"skiff {' '.join(args)} failed ({result.code}): {result.err}{result.out}"
         return result.out
 
+    def leftovers(self) -> Leftovers:
+        """Mounts, cgroups and serving shims of this agent right now."""
+        return Leftovers.snapshot(self.root, self.cgroup_parent, self.exec_root / "shim.log")
+
     def remove_all_containers(self) -> None:
         """``rm -f`` every container (they outlive the agent: live-restore)."""
         if self.proc is None or self.proc.poll() is not None:
@@ -88,13 +95,13 @@ class AgentProcess:
         containers = self.exec_root / "containers"
         for state in containers.glob("*") if containers.exists() else []:
             try:
-                detect().destroy(f"/skiff/{state.name}", kill=True)
-            except OSError:
-                pass
-            try:
                 os.kill(int((state / "shim.pid").read_text()), signal.SIGKILL)
             except (OSError, ValueError):
                 pass
+        try:
+            detect().destroy(self.cgroup_parent, kill=True)
+        except OSError:
+            pass
         with open("/proc/self/mountinfo", encoding="utf-8") as f:
             targets = [line.split()[4] for line in f]
         for target in reversed(targets):

@@ -1,4 +1,8 @@
-"""What a test may leave behind on the host: mounts, skiff cgroups, shim processes."""
+"""What a test may leave behind on the host for one agent: mounts, cgroups, shim processes.
+
+Scoped to one agent (its root directory and its ``--cgroup-parent``) so
+unrelated work on the machine does not count.
+"""
 
 from __future__ import annotations
 
@@ -9,34 +13,39 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def _skiff_cgroups() -> set[str]:
-    found = set()
-    for hierarchy in CGROUP_ROOT.iterdir() if CGROUP_ROOT.exists() else []:
-        base = hierarchy / "skiff"
+def _cgroups(parent: str) -> set[str]:
+    rel = parent.strip("/")
+    found: set[str] = set()
+    bases = [CGROUP_ROOT / rel] + [h / rel for h in CGROUP_ROOT.iterdir()] if CGROUP_ROOT.exists() else []
+    for base in bases:
         if base.is_dir():
-            found.update(f"{hierarchy.name}/skiff/{d.name}" for d in base.iterdir() if d.is_dir())
-    base = CGROUP_ROOT / "skiff"
-    if base.is_dir():
-        found.update(f"skiff/{d.name}" for d in base.iterdir() if d.is_dir())
+            found.update(f"{base}/{d.name}" for d in base.iterdir() if d.is_dir())
     return found
 
 
-def _mounts() -> list[str]:
+def _mounts(root: Path) -> list[str]:
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return sorted(line.split()[4] for line in f)
+        return sorted(t for t in (line.split()[4] for line in f) if t.startswith(f"{root}/"))
 
 
-def _shims() -> set[int]:
+def _serving_shims(shim_log: Path) -> set[int]:
+    """Shims of this agent that serve a container: their stderr is the agent's shim.log and
+    they are no longer skiffd's children (idle pool shims are)."""
     pids = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
+            if b"agent.shim" not in Path(f"/proc/{entry}/cmdline").read_bytes():
+                continue
+            if os.readlink(f"/proc/{entry}/fd/2") != str(shim_log):
+                continue
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if b"skiffd" in Path(f"/proc/{ppid}/cmdline").read_bytes():
+                continue
+        except (OSError, ValueError, IndexError):
             continue
-        if b"agent.shim" in cmdline:
-            pids.add(int(entry))
+        pids.add(int(entry))
     return pids
 
 
@@ -47,24 +56,10 @@ class Leftovers:
     shims: frozenset[int]
 
     @classmethod
-    def snapshot(cls) -> Leftovers:
-        return cls(tuple(_mounts()), frozenset(_skiff_cgroups()), frozenset(_shims()))
+    def snapshot(cls, root: Path, cgroup_parent: str, shim_log: Path) -> Leftovers:
+        return cls(tuple(_mounts(root)), frozenset(_cgroups(cgroup_parent)), frozenset(_serving_shims(shim_log)))
 
     def assert_same_as(self, before: Leftovers) -> None:
-        new_mounts = sorted(set(self.mounts) - set(before.mounts))
-        assert not new_mounts, f"mounts left behind: {new_mounts}"
-        assert len(self.mounts) == len(before.mounts), "mount count changed"
+        assert self.mounts == before.mounts, f"mounts left behind: {sorted(set(self.mounts) - set(before.mounts))}"
         assert not self.cgroups - before.cgroups, f"cgroups left behind: {sorted(self.cgroups - before.cgroups)}"
-        # idle pool shims belong to the running agent; only count those that serve a container
-        extra = {pid for pid in self.shims - before.shims if _serving(pid)}
-        assert not extra, f"shims left behind: {sorted(extra)}"
-
-
-def _serving(pid: int) -> bool:
-    """A shim that has taken a container: idle pool shims are still skiffd's children."""
-    try:
-        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
-    except (OSError, ValueError, IndexError):
-        return False
-    return b"skiffd" not in parent
+        assert not self.shims - before.shims, f"shims left behind: {sorted(self.shims - before.shims)}"
