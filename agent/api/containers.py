@@ -150,6 +150,15 @@ class ContainersService(containers_pb2_grpc.ContainersServicer):
         self.manager.rename(request.container, request.name)
         return pb.RenameContainerResponse()
 
+    async def Top(self, request: pb.TopContainerRequest, context: aio.ServicerContext) -> pb.TopContainerResponse:
+        record = self.manager.resolve(request.container)
+        if not record.running:
+            raise Conflict(f"container {record.id} is not running")
+        titles, rows = await asyncio.to_thread(_top, self.manager.cgroup_path(record.id),
+                                               list(request.ps_args) or ["-ef"])
+        return pb.TopContainerResponse(titles=titles,
+                                       processes=[pb.TopContainerResponse.Row(fields=r) for r in rows])
+
     async def Prune(self, request: pb.PruneContainersRequest,
                     context: aio.ServicerContext) -> pb.PruneContainersResponse:
         deleted = []
@@ -305,6 +314,38 @@ async def _relay(stream: ShimStream) -> AsyncIterator[pb.StreamOutput]:
 def _log_entry(entry: Any) -> pb.LogEntry:
     return pb.LogEntry(stream=pb.LogEntry.STDERR if entry.stream == "stderr" else pb.LogEntry.STDOUT,
                        data=entry.data, time_ns=entry.time_ns)
+
+
+def _top(cgroup_path: str, ps_args: list[str]) -> tuple[list[str], list[list[str]]]:
+    """docker top: the host's ``ps`` output, only the rows of the container's processes."""
+    import subprocess
+
+    from agent.runtime.cgroups import detect
+
+    pids = {str(pid) for pid in detect().pids(cgroup_path)}
+    for arg in ps_args:
+        if arg.startswith("-") and any(c in arg for c in "pqC") and not arg.startswith("--"):
+            raise InvalidArgument(f"ps options {' '.join(ps_args)!r} select processes; top selects them")
+    try:
+        proc = subprocess.run(["ps", *ps_args], capture_output=True, text=True, timeout=30, check=False,
+                              env={"PATH": "/usr/bin:/bin", "COLUMNS": "4096", "LC_ALL": "C"})
+    except FileNotFoundError:
+        raise InvalidArgument("ps is not installed on this host (procps)") from None
+    if proc.returncode != 0:
+        raise InvalidArgument(f"ps {' '.join(ps_args)}: {proc.stderr.strip() or 'failed'}")
+    lines = proc.stdout.splitlines()
+    if not lines:
+        return [], []
+    titles = lines[0].split()
+    if "PID" not in titles:
+        raise InvalidArgument(f"ps {' '.join(ps_args)}: no PID column in its output")
+    col = titles.index("PID")
+    rows = []
+    for line in lines[1:]:
+        fields = line.split(None, len(titles) - 1)
+        if len(fields) > col and fields[col] in pids:
+            rows.append(fields)
+    return titles, rows
 
 
 def _du(path: Any) -> int:

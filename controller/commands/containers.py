@@ -251,3 +251,17 @@ def logs(ctx: Context, container: str, follow: bool, since: str, until: str, tai
 def _timestamp(ns: int) -> str:
     secs, frac = divmod(ns, 1_000_000_000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
+
+
+@click.command("top", context_settings={"ignore_unknown_options": True})
+@click.argument("container")
+@click.argument("ps_args", nargs=-1, type=click.UNPROCESSED)
+@pass_ctx
+def top(ctx: Context, container: str, ps_args: tuple[str, ...]) -> None:
+    """Display the running processes of a container."""
+    resp = run(ctx, lambda agent: agent.containers.Top(
+        pb.TopContainerRequest(container=container, ps_args=list(ps_args)), timeout=30))
+    from controller.templates import tabwrite
+
+    lines = ["\t".join(resp.titles)] + ["\t".join(r.fields) for r in resp.processes]
+    click.echo(tabwrite(lines, minwidth=0, padding=3).rstrip("\n"))
