@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from functools import cached_property
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from grpc import aio
 
 from controller.errors import AgentError, ConnectionFailed, UsageError
-from skiff.v1 import containers_pb2_grpc, images_pb2_grpc, system_pb2_grpc
+if TYPE_CHECKING:
+    from skiff.v1 import containers_pb2_grpc, images_pb2_grpc, system_pb2_grpc
 
 DEFAULT_HOST = "unix:///run/skiff/skiffd.sock"
 T = TypeVar("T")
@@ -35,15 +37,35 @@ def grpc_target(host: str) -> str:
 
 
 class Agent:
-    """Stubs for one agent over one channel."""
+    """Stubs for one agent over one channel, each made (and its module imported) on first use."""
 
     def __init__(self, host: str, channel: aio.Channel) -> None:
         self.host = host
         self.channel = channel
-        self.system = system_pb2_grpc.SystemStub(channel)
-        self.images = images_pb2_grpc.ImagesStub(channel)
-        self.registries = images_pb2_grpc.RegistriesStub(channel)
-        self.containers = containers_pb2_grpc.ContainersStub(channel)
+
+    @cached_property
+    def system(self) -> system_pb2_grpc.SystemStub:
+        from skiff.v1 import system_pb2_grpc
+
+        return system_pb2_grpc.SystemStub(self.channel)
+
+    @cached_property
+    def images(self) -> images_pb2_grpc.ImagesStub:
+        from skiff.v1 import images_pb2_grpc
+
+        return images_pb2_grpc.ImagesStub(self.channel)
+
+    @cached_property
+    def registries(self) -> images_pb2_grpc.RegistriesStub:
+        from skiff.v1 import images_pb2_grpc
+
+        return images_pb2_grpc.RegistriesStub(self.channel)
+
+    @cached_property
+    def containers(self) -> containers_pb2_grpc.ContainersStub:
+        from skiff.v1 import containers_pb2_grpc
+
+        return containers_pb2_grpc.ContainersStub(self.channel)
 
 
 def translate(host: str, exc: grpc.RpcError) -> Exception:

@@ -1,26 +1,62 @@
-"""``skiff``: the controller CLI, speaking docker's command language."""
+"""``skiff``: the controller CLI, speaking docker's command language.
+
+Commands are imported only when invoked (``skiff run`` does not pay for the
+image commands' imports): every ``skiff`` invocation is a fresh process, and
+start-up is most of a short command's wall time.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
 from controller import __version__
-from controller.cli import Context
-from controller.client import default_host
-from controller.commands import containers as ctr
-from controller.commands import images as img
-from controller.commands import run as runcmd
-from controller.commands import system
 from controller.errors import AgentError, ControllerError
+
+#: command name -> "module:attribute", in the order ``--help`` lists them
+TOP_LEVEL: dict[str, str] = {
+    "run": "run:run", "create": "run:create", "start": "run:start", "stop": "containers:stop",
+    "restart": "containers:restart", "kill": "containers:kill", "rm": "containers:rm", "wait": "containers:wait",
+    "ps": "containers:ps", "logs": "containers:logs", "rename": "containers:rename", "top": "containers:top",
+    "attach": "run:attach", "exec": "run:exec_", "pull": "images:pull", "images": "images:images",
+    "inspect": "images:inspect", "history": "images:history", "tag": "images:tag", "rmi": "images:rmi",
+    "save": "images:save", "load": "images:load", "login": "images:login", "logout": "images:logout",
+    "version": "system:version", "info": "system:info",
+}
+CONTAINER: dict[str, str] = {
+    "run": "run:run", "create": "run:create", "start": "run:start", "stop": "containers:stop",
+    "restart": "containers:restart", "kill": "containers:kill", "rm": "containers:rm", "remove": "containers:rm",
+    "wait": "containers:wait", "ls": "containers:ps", "list": "containers:ps", "ps": "containers:ps",
+    "logs": "containers:logs", "rename": "containers:rename", "attach": "run:attach", "exec": "run:exec_",
+    "top": "containers:top", "prune": "containers:prune", "inspect": "images:container_inspect",
+}
+IMAGE: dict[str, str] = {
+    "pull": "images:pull", "ls": "images:images", "list": "images:images", "inspect": "images:image_inspect",
+    "history": "images:history", "tag": "images:tag", "rm": "images:rmi", "prune": "images:prune",
+    "save": "images:save", "load": "images:load",
+}
 
 
 class DockerGroup(click.Group):
-    """A group that lists commands in definition order and maps errors to one line + exit code."""
+    """A group of lazily imported commands, listed in definition order; errors become one
+    line and docker's exit code."""
+
+    def __init__(self, *args: object, lazy: dict[str, str] | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.lazy = dict(lazy or {})
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.commands)
+        return list(self.commands) + [name for name in self.lazy if name not in self.commands]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands or cmd_name not in self.lazy:
+            return self.commands.get(cmd_name)
+        module, _, attr = self.lazy[cmd_name].partition(":")
+        command = getattr(importlib.import_module(f"controller.commands.{module}"), attr)
+        assert isinstance(command, click.Command)
+        return command
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -33,53 +69,28 @@ class DockerGroup(click.Group):
             sys.exit(exc.exit_code)
 
 
-@click.group(cls=DockerGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=DockerGroup, lazy=TOP_LEVEL,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-H", "--host", "hosts", multiple=True, metavar="URL",
               help="Agent to talk to (unix:///path); default $SKIFF_HOST or unix:///run/skiff/skiffd.sock.")
 @click.version_option(__version__, "-v", "--version", prog_name="skiff")
 @click.pass_context
 def cli(ctx: click.Context, hosts: tuple[str, ...]) -> None:
     """skiff: Docker for a fleet. Commands mirror docker's."""
+    from controller.cli import Context
+    from controller.client import default_host
+
     ctx.obj = Context(hosts=list(hosts) or [default_host()])
 
 
-@cli.group("image", cls=DockerGroup)
-def image_group() -> None:
-    """Manage images."""
-
-
-@cli.group("container", cls=DockerGroup)
+@cli.group("container", cls=DockerGroup, lazy=CONTAINER)
 def container_group() -> None:
     """Manage containers."""
 
 
-for command in (runcmd.run, runcmd.create, runcmd.start, ctr.stop, ctr.restart, ctr.kill, ctr.rm, ctr.wait,
-                ctr.ps, ctr.logs, ctr.rename, runcmd.attach, runcmd.exec_, img.pull, img.images, img.inspect, img.history,
-                img.tag, img.rmi, img.save, img.load, img.login, img.logout, system.version, system.info):
-    cli.add_command(command)
-
-for name, command in (("run", runcmd.run), ("create", runcmd.create), ("start", runcmd.start),
-                      ("stop", ctr.stop), ("restart", ctr.restart), ("kill", ctr.kill), ("rm", ctr.rm),
-                      ("remove", ctr.rm), ("wait", ctr.wait), ("ls", ctr.ps), ("list", ctr.ps), ("ps", ctr.ps),
-                      ("logs", ctr.logs), ("rename", ctr.rename), ("attach", runcmd.attach), ("exec", runcmd.exec_),
-                      ("prune", ctr.prune)):
-    container_group.add_command(command, name)
-
-
-@container_group.command("inspect")
-@click.argument("names", nargs=-1, required=True)
-@click.option("-f", "--format", "fmt", help="Format output using a custom template.")
-@click.option("-s", "--size", is_flag=True, help="Display total file sizes.")
-@click.pass_obj
-def container_inspect(ctx: Context, names: tuple[str, ...], fmt: str | None, size: bool) -> None:
-    """Display detailed information on one or more containers."""
-    img.inspect_objects(ctx, names, fmt, size, "container")
-
-
-for name, command in (("pull", img.pull), ("ls", img.images), ("list", img.images), ("inspect", img.image_inspect),
-                      ("history", img.history), ("tag", img.tag), ("rm", img.rmi), ("prune", img.prune),
-                      ("save", img.save), ("load", img.load)):
-    image_group.add_command(command, name)
+@cli.group("image", cls=DockerGroup, lazy=IMAGE)
+def image_group() -> None:
+    """Manage images."""
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from agent.shim import protocol as p
 
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 LAUNCH_TIMEOUT = 30.0
+REFILL_DELAY = 0.5
 
 
 @dataclass
@@ -84,7 +85,7 @@ class ShimPool:
             raise Unavailable("the agent is shutting down")
         idle = self._take()
         loop = asyncio.get_running_loop()
-        loop.call_soon(self.fill)
+        loop.call_later(REFILL_DELAY, self.fill)  # off the critical path: a new shim costs CPU
         try:
             idle.sock.setblocking(False)
             await loop.sock_sendall(idle.sock, p.request(assignment))

@@ -448,12 +448,29 @@ def read_mountinfo(mountinfo: str | None) -> str:
         return f.read()
 
 
+_HOST_MANAGER: V1Manager | V2Manager | None = None
+
+
 def detect(root: str | Path = "/sys/fs/cgroup", mountinfo: str | None = None,
            fs: CgroupFS | None = None) -> V1Manager | V2Manager:
     """The manager for this host: v2 when cgroup2 is mounted at ``root``, else v1/hybrid.
 
     ``mountinfo`` is the text of ``/proc/self/mountinfo`` (read when ``None``).
+    The host's manager (all defaults) is made once per process: the cgroup
+    mounts do not change under a running agent or shim, and reading them
+    costs milliseconds on every container start and exit.
     """
+    global _HOST_MANAGER
+    host = str(root) == "/sys/fs/cgroup" and mountinfo is None and fs is None
+    if host and _HOST_MANAGER is not None:
+        return _HOST_MANAGER
+    manager = _detect(root, mountinfo, fs)
+    if host:
+        _HOST_MANAGER = manager
+    return manager
+
+
+def _detect(root: str | Path, mountinfo: str | None, fs: CgroupFS | None) -> V1Manager | V2Manager:
     from agent.runtime.cgroups_v1 import V1Manager
     from agent.runtime.cgroups_v2 import V2Manager
 

@@ -852,9 +852,26 @@ def _read_assignment(fd: int) -> dict[str, Any] | None:
     return dict(json.loads(buf))
 
 
+def _warm() -> None:
+    """Work every container start would repeat, done while the shim waits in the pool."""
+    from agent.runtime.cgroups import detect
+
+    try:
+        detect()
+    except OSError:
+        pass
+    try:
+        from agent.runtime import seccomp
+
+        seccomp.load_binding()
+    except Exception:  # noqa: BLE001 - a container with a profile reports it at start
+        pass
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = int(sys.argv[1]) if len(sys.argv) > 1 else CONTROL_FD
+    _warm()
     assignment = _read_assignment(control)
     if assignment is None:
         os._exit(0)

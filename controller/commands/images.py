@@ -377,3 +377,13 @@ def load(ctx: Context, input_: str | None, quiet: bool) -> None:
 
 inspect = _inspect_command("", "Return low-level information on containers or images.")
 image_inspect = _inspect_command("image", "Display detailed information on one or more images.")
+
+
+@click.command("inspect")
+@click.argument("names", nargs=-1, required=True)
+@click.option("-f", "--format", "fmt", help="Format output using a custom template.")
+@click.option("-s", "--size", is_flag=True, help="Display total file sizes.")
+@pass_ctx
+def container_inspect(ctx: Context, names: tuple[str, ...], fmt: str | None, size: bool) -> None:
+    """Display detailed information on one or more containers."""
+    inspect_objects(ctx, names, fmt, size, "container")
