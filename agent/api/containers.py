@@ -23,6 +23,8 @@ from agent.shim import protocol as p
 from skiff.v1 import containers_pb2 as pb
 from skiff.v1 import containers_pb2_grpc
 
+LOG_BATCH = 1000
+LOG_BATCH_BYTES = 256 << 10
 _OUT_KIND = {p.STDOUT: pb.StreamOutput.STDOUT, p.STDERR: pb.StreamOutput.STDERR}
 
 
@@ -176,7 +178,7 @@ class ContainersService(containers_pb2_grpc.ContainersServicer):
             deleted.append(record.id)
         return pb.PruneContainersResponse(deleted=deleted, space_reclaimed=reclaimed)
 
-    async def Logs(self, request: pb.LogsRequest, context: aio.ServicerContext) -> AsyncIterator[pb.LogEntry]:
+    async def Logs(self, request: pb.LogsRequest, context: aio.ServicerContext) -> AsyncIterator[pb.LogBatch]:
         from agent.containers import jsonlog
 
         record = self.manager.resolve(request.container)
@@ -192,17 +194,42 @@ class ContainersService(containers_pb2_grpc.ContainersServicer):
             current = self.manager.store.get(container_id)
             return current is not None and current.running
 
-        if request.follow and is_running() and not until:
-            entries: Any = jsonlog.follow(path, since_ns=since, tail=tail, is_running=is_running)
-            async for entry in entries:
-                if entry.stream in streams:
-                    yield _log_entry(entry)
+        if not (request.follow and is_running() and not until):
+            entries = await asyncio.to_thread(
+                lambda: [e for e in jsonlog.read_entries(path, since_ns=since, until_ns=until, tail=tail)
+                         if e.stream in streams])
+            for start in range(0, len(entries), LOG_BATCH):
+                yield pb.LogBatch(entries=[_log_entry(e) for e in entries[start:start + LOG_BATCH]])
             return
-        batch = await asyncio.to_thread(lambda: list(jsonlog.read_entries(path, since_ns=since, until_ns=until,
-                                                                          tail=tail)))
-        for entry in batch:
-            if entry.stream in streams:
-                yield _log_entry(entry)
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=4 * LOG_BATCH)
+
+        async def produce() -> None:
+            try:
+                async for entry in jsonlog.follow(path, since_ns=since, tail=tail, is_running=is_running):
+                    if entry.stream in streams:
+                        await queue.put(entry)
+            finally:
+                await queue.put(None)
+
+        producer = asyncio.create_task(produce())
+        try:
+            done = False
+            while not done:
+                batch = [await queue.get()]
+                size = 0
+                while batch[-1] is not None and len(batch) < LOG_BATCH and size < LOG_BATCH_BYTES \
+                        and not queue.empty():
+                    batch.append(queue.get_nowait())
+                    size += len(batch[-1].data) if batch[-1] is not None else 0
+                done = batch[-1] is None
+                ready = [_log_entry(e) for e in batch if e is not None]
+                if ready:
+                    yield pb.LogBatch(entries=ready)
+            await producer
+        finally:
+            producer.cancel()
+            with contextlib.suppress(BaseException):
+                await producer
 
     async def Attach(self, request_iterator: AsyncIterator[pb.AttachInput],
                      context: aio.ServicerContext) -> AsyncIterator[pb.StreamOutput]:

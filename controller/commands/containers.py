@@ -121,9 +121,8 @@ def _each(ctx: Context, names: tuple[str, ...], call: Any, echo: bool = True) ->
 @pass_ctx
 def stop(ctx: Context, containers: tuple[str, ...], sig: str, timeout: int | None) -> None:
     """Stop one or more running containers."""
-    request = {"timeout": timeout or 0, "timeout_set": timeout is not None, "signal": sig}
-    _each(ctx, containers, lambda agent, name: agent.containers.Stop(
-        pb.StopContainerRequest(container=name, **request), timeout=(timeout or 10) + 60))
+    _each(ctx, containers, lambda agent, name: agent.containers.Stop(pb.StopContainerRequest(
+        container=name, timeout=timeout or 0, timeout_set=timeout is not None, signal=sig), timeout=(timeout or 10) + 60))
 
 
 @click.command("restart")
@@ -238,12 +237,14 @@ def logs(ctx: Context, container: str, follow: bool, since: str, until: str, tai
     async def go(agent: Agent) -> None:
         out = sys.stdout.buffer
         err = sys.stderr.buffer
-        async for entry in agent.containers.Logs(request):
-            target = err if entry.stream == pb.LogEntry.STDERR else out
-            if timestamps:
-                target.write(_timestamp(entry.time_ns).encode() + b" ")
-            target.write(entry.data)
-            target.flush()
+        async for batch in agent.containers.Logs(request):
+            for entry in batch.entries:
+                target = err if entry.stream == pb.LogEntry.STDERR else out
+                if timestamps:
+                    target.write(_timestamp(entry.time_ns).encode() + b" ")
+                target.write(entry.data)
+            out.flush()
+            err.flush()
 
     run(ctx, go)
 

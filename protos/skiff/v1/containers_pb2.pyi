@@ -934,6 +934,30 @@ class LogEntry(_message.Message):
 Global___LogEntry: _TypeAlias = LogEntry  # noqa: Y015
 
 @_typing.final
+class LogBatch(_message.Message):
+    """As many entries as were ready (at most ~1000 or 256 KiB): one message per line would cost
+    the stream more than the lines.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___LogEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogBatch: _TypeAlias = LogBatch  # noqa: Y015
+
+@_typing.final
 class TerminalSize(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -97,7 +97,7 @@ class ContainersStub:
         self.Logs = channel.unary_stream(
                 '/skiff.v1.Containers/Logs',
                 request_serializer=skiff_dot_v1_dot_containers__pb2.LogsRequest.SerializeToString,
-                response_deserializer=skiff_dot_v1_dot_containers__pb2.LogEntry.FromString,
+                response_deserializer=skiff_dot_v1_dot_containers__pb2.LogBatch.FromString,
                 _registered_method=True)
         self.Attach = channel.stream_stream(
                 '/skiff.v1.Containers/Attach',
@@ -190,7 +190,7 @@ class ContainersServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Logs(self, request, context):
-        """Logs streams json-file entries; with follow it ends when the container stops.
+        """Logs streams json-file entries in batches; with follow it ends when the container stops.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -277,7 +277,7 @@ def add_ContainersServicer_to_server(servicer, server):
             'Logs': grpc.unary_stream_rpc_method_handler(
                     servicer.Logs,
                     request_deserializer=skiff_dot_v1_dot_containers__pb2.LogsRequest.FromString,
-                    response_serializer=skiff_dot_v1_dot_containers__pb2.LogEntry.SerializeToString,
+                    response_serializer=skiff_dot_v1_dot_containers__pb2.LogBatch.SerializeToString,
             ),
             'Attach': grpc.stream_stream_rpc_method_handler(
                     servicer.Attach,
@@ -640,7 +640,7 @@ class Containers:
             target,
             '/skiff.v1.Containers/Logs',
             skiff_dot_v1_dot_containers__pb2.LogsRequest.SerializeToString,
-            skiff_dot_v1_dot_containers__pb2.LogEntry.FromString,
+            skiff_dot_v1_dot_containers__pb2.LogBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,8 +46,8 @@ class ContainersStub:
     Rename: _grpc.UnaryUnaryMultiCallable[_containers_pb2.RenameContainerRequest, _containers_pb2.RenameContainerResponse]
     Top: _grpc.UnaryUnaryMultiCallable[_containers_pb2.TopContainerRequest, _containers_pb2.TopContainerResponse]
     Prune: _grpc.UnaryUnaryMultiCallable[_containers_pb2.PruneContainersRequest, _containers_pb2.PruneContainersResponse]
-    Logs: _grpc.UnaryStreamMultiCallable[_containers_pb2.LogsRequest, _containers_pb2.LogEntry]
-    """Logs streams json-file entries; with follow it ends when the container stops."""
+    Logs: _grpc.UnaryStreamMultiCallable[_containers_pb2.LogsRequest, _containers_pb2.LogBatch]
+    """Logs streams json-file entries in batches; with follow it ends when the container stops."""
     Attach: _grpc.StreamStreamMultiCallable[_containers_pb2.AttachInput, _containers_pb2.StreamOutput]
     """Attach: the first message names the container (and may start it);
     then stdin and resizes go in, output and finally the exit code come out.
@@ -73,8 +73,8 @@ class ContainersAsyncStub(ContainersStub):
     Rename: _aio.UnaryUnaryMultiCallable[_containers_pb2.RenameContainerRequest, _containers_pb2.RenameContainerResponse]  # type: ignore[assignment]
     Top: _aio.UnaryUnaryMultiCallable[_containers_pb2.TopContainerRequest, _containers_pb2.TopContainerResponse]  # type: ignore[assignment]
     Prune: _aio.UnaryUnaryMultiCallable[_containers_pb2.PruneContainersRequest, _containers_pb2.PruneContainersResponse]  # type: ignore[assignment]
-    Logs: _aio.UnaryStreamMultiCallable[_containers_pb2.LogsRequest, _containers_pb2.LogEntry]  # type: ignore[assignment]
-    """Logs streams json-file entries; with follow it ends when the container stops."""
+    Logs: _aio.UnaryStreamMultiCallable[_containers_pb2.LogsRequest, _containers_pb2.LogBatch]  # type: ignore[assignment]
+    """Logs streams json-file entries in batches; with follow it ends when the container stops."""
     Attach: _aio.StreamStreamMultiCallable[_containers_pb2.AttachInput, _containers_pb2.StreamOutput]  # type: ignore[assignment]
     """Attach: the first message names the container (and may start it);
     then stdin and resizes go in, output and finally the exit code come out.
@@ -175,8 +175,8 @@ class ContainersServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _containers_pb2.LogsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_containers_pb2.LogEntry], _abc.AsyncIterator[_containers_pb2.LogEntry]]:
-        """Logs streams json-file entries; with follow it ends when the container stops."""
+    ) -> _typing.Union[_abc.Iterator[_containers_pb2.LogBatch], _abc.AsyncIterator[_containers_pb2.LogBatch]]:
+        """Logs streams json-file entries in batches; with follow it ends when the container stops."""
 
     @_abc_1.abstractmethod
     def Attach(
