@@ -34,7 +34,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+# compat mode: a plain path entry instead of setuptools' import hook, ~9 ms off every Python start
+# (each skiff command and each container's shim); protos/ holds the generated `skiff` package.
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" --config-settings editable_mode=compat \
+  2>&1 | grep -v -e "^WARNING: Location" -e "editable_mode" -e "_EditableMode" -e "^ *!!" -e "^ *$" || true
+SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD/protos" > "$SITE/skiff-protos.pth"
 .venv/bin/python -c "import skiff.v1.images_pb2, agent, controller" >/dev/null
 .venv/bin/python -c "from agent.runtime.seccomp import load_binding; load_binding()" \
   || echo "setup: warning: libseccomp's Python binding does not load here; seccomp profiles cannot be applied" >&2

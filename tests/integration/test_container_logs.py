@@ -1,7 +1,7 @@
 """``skiff logs`` end to end: the real CLI against a real skiffd, the shim's json-file log.
 
 Every test leaves no container, mount, cgroup or process behind (the
-``clean`` fixture counts them before and after).
+``clean`` fixture of test_containers.py counts them before and after).
 """
 
 from __future__ import annotations
@@ -11,32 +11,15 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
+from tests.integration.test_containers import clean, image  # busybox pulled; nothing left behind
 from tests.support.agent import BIN, AgentProcess
-from tests.support.leftovers import Leftovers
-from tests.support.registry import Registry
 
 #: what ``logs -t`` puts before each line: docker's RFC3339Nano with a fixed 9-digit fraction
 _STAMP = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{9}Z) (.*)$")
 
-
-@pytest.fixture(scope="module")
-def image(agent: AgentProcess, registry: Registry) -> str:
-    ref = f"{registry.host}/busybox:1"
-    agent.ok("pull", "-q", ref)
-    return ref
-
-
-@pytest.fixture
-def clean(agent: AgentProcess) -> Iterator[None]:
-    before = Leftovers.snapshot()
-    yield
-    agent.remove_all_containers()
-    Leftovers.snapshot().assert_same_as(before)
+__all__ = ["clean", "image"]  # the fixtures of test_containers.py, shared
 
 
 def _inspect(agent: AgentProcess, name: str) -> dict:
@@ -128,8 +111,8 @@ def test_rotation_keeps_at_most_max_file_files_and_a_contiguous_suffix(agent: Ag
 
 def test_follow_across_rotations_paced(agent: AgentProcess, image: str, clean: None) -> None:
     """A writer a follower can keep up with: many rotations, every line exactly once."""
-    script = ("sleep 1; i=0; while [ $i -lt 40 ]; do seq $((i*100+1)) $((i*100+100)); i=$((i+1)); "
-              "sleep 0.02; done")
+    script = ("sleep 1; i=0; while [ $i -lt 80 ]; do seq $((i*50+1)) $((i*50+50)); i=$((i+1)); "
+              "sleep 0.02; done")  # a rotation every ~3 batches: far fewer than max-file per poll
     agent.ok("run", "-d", "--name", "paced", "--log-opt", "max-size=10k", "--log-opt", "max-file=3",
              image, "sh", "-c", script)
     follow = _follow(agent, "paced")
@@ -138,7 +121,8 @@ def test_follow_across_rotations_paced(agent: AgentProcess, image: str, clean: N
     finally:
         follow.kill()
     assert follow.returncode == 0, err.decode()
-    assert _numbers(out.decode()) == list(range(1, 4001))
+    assert _numbers(out.decode()) == list(range(1, 4001)), _gaps(_numbers(out.decode()))
+    assert _numbers(agent.ok("logs", "paced"))[0] > 1  # the early files were rotated away meanwhile
 
 
 def test_follow_during_a_rotating_flood(agent: AgentProcess, image: str, clean: None) -> None:
