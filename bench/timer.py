@@ -24,6 +24,16 @@ class Timing:
     def cpu_median(self) -> float:
         return statistics.median(self.cpus)
 
+    @property
+    def p90(self) -> float:
+        if len(self.walls) < 2:
+            return max(self.walls)
+        return statistics.quantiles(self.walls, n=10, method="inclusive")[-1]
+
+    def summary(self) -> dict[str, float | int | str]:
+        return {"label": self.label, "n": len(self.walls), "median_s": self.median, "p90_s": self.p90,
+                "min_s": min(self.walls), "max_s": max(self.walls), "cpu_median_s": self.cpu_median}
+
     def line(self) -> str:
         return (f"{self.label:<44} median {self.median * 1000:8.1f} ms  min {min(self.walls) * 1000:8.1f}"
                 f"  max {max(self.walls) * 1000:8.1f}  cpu {self.cpu_median * 1000:8.1f} ms  (n={len(self.walls)})")
@@ -59,3 +69,30 @@ def bench(label: str, cmd: Sequence[str], n: int, *, before: Callable[[], None] 
             walls.append(wall)
             cpus.append(cpu)
     return Timing(label, walls, cpus)
+
+
+@dataclass
+class Case:
+    """One command of an interleaved benchmark; ``cmd`` gets the run index (-warmup..n-1)."""
+
+    label: str
+    cmd: Callable[[int], Sequence[str]]
+    env: dict[str, str] | None = None
+    after: Callable[[int], None] | None = None
+
+
+def interleave(cases: Sequence[Case], n: int, warmup: int = 2) -> list[Timing]:
+    """Round-robin runs: round i runs every case once, starting at a different case each
+    round, so machine drift (and cache state left by the previous tool) hits all equally."""
+    timings = [Timing(case.label, [], []) for case in cases]
+    for i in range(-warmup, n):
+        for k in range(len(cases)):
+            j = (i + k) % len(cases)
+            case = cases[j]
+            wall, cpu = run_once(case.cmd(i), case.env)
+            if case.after:
+                case.after(i)
+            if i >= 0:
+                timings[j].walls.append(wall)
+                timings[j].cpus.append(cpu)
+    return timings
