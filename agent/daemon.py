@@ -57,6 +57,7 @@ class Daemon:
         self.containers = ContainerManager(config.data_root, config.exec_root, ContainerStore(self.db),
                                            self.images, self.content, self.snapshots, self.shims,
                                            cgroup_parent=config.cgroup_parent)
+        self.images.users = lambda image_id: [(c.id, c.running) for c in self.containers.store.using_image(image_id)]
 
     @staticmethod
     def _lock(path: Path) -> int:

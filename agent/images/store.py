@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from agent.errors import ImageInUse, ImageNotFound, InvalidArgument, InvalidReference
@@ -83,6 +83,8 @@ class Leases:
 
 class ImageStore:
     def __init__(self, db: Database, content: ContentStore, snapshots: OverlaySnapshotter) -> None:
+        #: (container id, running) of the containers made from an image; set by the agent
+        self.users: Callable[[str], list[tuple[str, bool]]] = lambda image_id: []
         self.db = db
         self.content = content
         self.snapshots = snapshots
@@ -198,6 +200,18 @@ class ImageStore:
         """Docker's ``rmi``: untag by name; delete the image when nothing refers to it any more."""
         record, by_id = self.lookup(name)
         result = RemoveResult()
+        keep = False
+        users = self.users(record.id)
+        if users and (by_id or len(record.tags) <= 1):  # the image itself would go
+            running = [cid for cid, up in users if up]
+            if running:
+                raise ImageInUse(f"conflict: unable to delete {record.short_id} (cannot be forced) - "
+                                 f"image is being used by running container {running[0][:12]}")
+            if not force:
+                what = record.short_id if by_id else f'repository reference "{name}"'
+                raise ImageInUse(f"conflict: unable to remove {what} (must force) - container "
+                                 f"{users[0][0][:12]} is using its referenced image {record.short_id}")
+            keep = True  # forced: untagged, but kept (dangling) while containers need its layers
         if by_id:
             repos = {t.rsplit(":", 1)[0] for t in record.tags}
             if len(repos) > 1 and not force:
@@ -224,7 +238,7 @@ class ImageStore:
                         if digest != key:
                             conn.execute("DELETE FROM repo_digests WHERE name = ?", (digest,))
                             result.untagged.append(_display_ref(digest))
-        if self._unreferenced(record.id) and prune:
+        if self._unreferenced(record.id) and prune and not keep:
             self._delete_image(record.id)
             result.deleted.append(record.id)
             result.space_reclaimed = self.gc()
@@ -246,6 +260,8 @@ class ImageStore:
         result = RemoveResult()
         for record in self.records():
             if record.tags and not all_images:
+                continue
+            if self.users(record.id):
                 continue
             if not match_filters(record, filters or {}):
                 continue

@@ -6,7 +6,6 @@ import platform
 from typing import Any
 
 import click
-from google.protobuf.json_format import MessageToDict
 
 from controller import __version__
 from controller.cli import Context, pass_ctx, print_template_docs, run
@@ -59,6 +58,8 @@ def info(ctx: Context, fmt: str | None) -> None:
         return await agent.system.Info(system_pb2.InfoRequest(), timeout=10)
 
     resp = run(ctx, fetch)
+    from google.protobuf.json_format import MessageToDict
+
     doc = MessageToDict(resp, preserving_proto_field_name=False, always_print_fields_with_no_presence=True)
     doc = {k[0].upper() + k[1:]: v for k, v in doc.items()}
     if fmt:

@@ -275,3 +275,23 @@ def test_top_lists_the_container_processes(agent: AgentProcess, image: str, clea
     assert sorted(commands) == ["sh -c sleep 1000 & sleep 999; true", "sleep 1000", "sleep 999"]
     custom = agent.ok("top", "topped", "-o", "pid,comm").splitlines()
     assert custom[0].split() == ["PID", "COMMAND"] and len(custom) == 4
+
+
+def test_an_image_in_use_is_kept(agent: AgentProcess, registry: Registry, clean: None) -> None:
+    ref = f"{registry.host}/busybox:1"
+    agent.ok("pull", "-q", ref)
+    agent.ok("run", "-d", "--name", "user-running", ref, "sleep", "1000")
+    agent.ok("create", "--name", "user-stopped", ref, "true")
+    running = agent.cli("rmi", "-f", ref)
+    assert running.code != 0 and "being used by running container" in running.err
+    agent.ok("rm", "-f", "user-running")
+    stopped = agent.cli("rmi", ref)
+    assert stopped.code != 0 and "(must force)" in stopped.err
+    assert agent.ok("images", "-q")
+    assert "Untagged" in agent.ok("rmi", "-f", ref)
+    assert agent.ok("images", "-q").strip(), "the image stays (dangling) while a container needs it"
+    assert agent.ok("start", "-a", "user-stopped") == ""
+    agent.ok("rm", "user-stopped")
+    agent.ok("image", "prune", "-f")
+    assert not agent.ok("images", "-aq").strip()
+    agent.ok("pull", "-q", ref)  # leave the module's image in place for the other tests
