@@ -286,7 +286,7 @@ def fail(fd: int, stage: str, exc: BaseException) -> NoReturn:
     err = exc.errno if isinstance(exc, (OSError, StageError)) and exc.errno else 0
     message = str(exc) or type(exc).__name__
     try:
-        send(fd, {"error": message, "errno": err, "stage": stage})
+        send(fd, {"error": message, "errno": err, "stage": stage, "exit_code": exit_code_for(stage, err)})
     finally:
         os._exit(exit_code_for(stage, err))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from agent.runtime import syscalls as sc
 from agent.runtime.init import Container, env_mapping, fail, send
@@ -36,7 +36,14 @@ def spawn(target_pid: int, process: Mapping[str, Any], cgroup_path: str, stdio: 
     pid = os.fork()
     if pid:
         return pid
-    try:  # pragma: no cover - runs in the forked child, exercised by integration tests
+    join(target_pid, process, cgroup_path, stdio, sync_fd, seccomp, sys_)  # pragma: no cover
+
+
+def join(target_pid: int, process: Mapping[str, Any], cgroup_path: str, stdio: tuple[int, int, int],
+         sync_fd: int, seccomp: Mapping[str, Any] | None = None, sys_: sc.Syscalls | None = None) -> NoReturn:
+    """The middle process's work, in a process the caller forked itself (the shim's monitor
+    forks first so that it never imports the runtime): join, fork, report, exit."""
+    try:  # pragma: no cover - runs in a forked child, exercised by integration tests
         spec = {"process": dict(process), "linux": {"seccomp": dict(seccomp)} if seccomp else {}}
         _child(target_pid, spec, cgroup_path, stdio, sync_fd, sys_ or sc.LinuxSyscalls())
     except BaseException as exc:  # noqa: BLE001

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 HEADER = struct.Struct(">BI")
 
@@ -68,3 +71,27 @@ class FrameReader:
             out.append((kind, bytes(self.buf[HEADER.size:end])))
             del self.buf[:end]
         return out
+
+
+def read_json_lines(fd: int, timeout: float) -> list[dict[str, Any]]:
+    """JSON lines from a pipe until EOF or ``timeout`` (an init's or exec helper's sync pipe)."""
+    import os
+    import select
+    import time
+
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([fd], [], [], left)[0]:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buf += chunk
+    out = []
+    for line in buf.splitlines():
+        try:
+            out.append(dict(json.loads(line)))
+        except ValueError:
+            out.append({"error": f"garbled message {line!r}", "stage": "sync"})
+    return out
