@@ -8,6 +8,7 @@ start-up is most of a short command's wall time.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -94,4 +95,23 @@ def image_group() -> None:
 
 
 def main() -> None:
-    cli(prog_name="skiff")
+    """Run the CLI, then leave without the interpreter's teardown: grpc's shutdown at exit costs
+    a short command a third of its wall time, and there is nothing left to clean up."""
+    try:
+        cli(prog_name="skiff")
+        code = 0
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            sys.stderr.write(exc.code + "\n")
+            code = 1
+        else:
+            code = int(exc.code or 0)
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        code = code or 1  # stdout was a closed pipe
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code)

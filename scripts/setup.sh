@@ -40,6 +40,9 @@ fi
   2>&1 | grep -v -e "^WARNING: Location" -e "editable_mode" -e "_EditableMode" -e "^ *!!" -e "^ *$" || true
 SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$PWD/protos" > "$SITE/skiff-protos.pth"
+# Byte-compile now: with PYTHONDONTWRITEBYTECODE set (as on some machines) every skiff command
+# and every shim would otherwise recompile the project's modules on each start.
+.venv/bin/python -m compileall -q -j 0 agent controller protos >/dev/null
 .venv/bin/python -c "import skiff.v1.images_pb2, agent, controller" >/dev/null
 .venv/bin/python -c "from agent.runtime.seccomp import load_binding; load_binding()" \
   || echo "setup: warning: libseccomp's Python binding does not load here; seccomp profiles cannot be applied" >&2

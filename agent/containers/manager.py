@@ -183,29 +183,25 @@ class ContainerManager:
 
     async def start(self, ref: str, *, attach: Callable[[ContainerRecord], Awaitable[ShimStream]] | None = None,
                     size: tuple[int, int] | None = None) -> tuple[ContainerRecord, ShimStream | None]:
-        """Start a created or exited container.  With ``attach``, the shim creates the
-        container, ``attach`` connects, and only then does the process start (docker run)."""
+        """Start a created or exited container.  With ``attach`` (docker run, start -a), the
+        shim holds the container's output back until ``attach`` has connected: none is lost."""
         record = self.resolve(ref)
         async with self.lock(record.id):
             record = self.resolve(record.id)
             if record.running:
                 return record, (await attach(record) if attach else None)
-            await self._launch(record, start=attach is None, size=size)
+            await self._launch(record, start=True, size=size, hold_output=attach is not None)
             if attach is None:
                 return record, None
             try:
-                attached = await attach(record)
-                reply = await call(self.state_dir(record.id), {"op": "start"})
-                if "error" in reply:
-                    attached.close()
-                    raise ContainerStartFailed(str(reply["error"]), int(reply.get("exit_code") or 125))
-            except BaseException as exc:
-                await self._start_failed(record, exc)
+                return record, await attach(record)
+            except BaseException:
+                with contextlib.suppress(ShimGone, OSError, TimeoutError, SkiffError):
+                    await call(self.state_dir(record.id), {"op": "kill", "signal": int(signal.SIGKILL)}, timeout=5)
                 raise
-            self._mark_running(record, reply)
-            return record, attached
 
-    async def _launch(self, record: ContainerRecord, *, start: bool, size: tuple[int, int] | None) -> None:
+    async def _launch(self, record: ContainerRecord, *, start: bool, size: tuple[int, int] | None,
+                      hold_output: bool = False) -> None:
         bundle = self.bundle_dir(record.id)
         state_dir = self.state_dir(record.id)
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -224,6 +220,7 @@ class ContainerManager:
             "tty": bool(config.get("tty")), "open_stdin": bool(config.get("open_stdin")),
             "stdin_once": bool(config.get("stdin_once")), "start": start,
             "cgroup_path": self.cgroup_path(record.id), "size": list(size) if size else None,
+            "hold_output": hold_output,
         }
         self._exited[record.id] = asyncio.Event()
         try:

@@ -62,7 +62,7 @@ class ShimPool:
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                     pass_fds=[theirs.fileno()], cwd="/", start_new_session=True,
                     env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-                         "PYTHONPATH": _PROJECT_ROOT, "PYTHONDONTWRITEBYTECODE": "1"})
+                         "PYTHONPATH": _PROJECT_ROOT})
             finally:
                 theirs.close()
         return _Idle(proc, ours)

@@ -541,6 +541,14 @@ class BaseManager:
         cpus, mems = self._available()
         validate_resources(resources, cpus_available=cpus, mems_available=mems)
 
+    def dirs(self, path: str) -> list[Path]:
+        """The cgroup's directory in every hierarchy (one on v2)."""
+        return self._dirs(cgroup_rel(path))
+
+    def oom_file(self, path: str) -> Path | None:
+        """The file whose ``oom_kill`` line counts the cgroup's OOM kills (None without memory)."""
+        raise NotImplementedError
+
     def exists(self, path: str) -> bool:
         return any(self.fs.is_dir(d) for d in self._dirs(cgroup_rel(path)))
 

@@ -83,6 +83,10 @@ class V1Manager(BaseManager):
     def _dirs(self, rel: PurePosixPath) -> list[Path]:
         return [h.mountpoint / rel for h in self.hierarchies]
 
+    def oom_file(self, path: str) -> Path | None:
+        mem = self._dir("memory", cgroup_rel(path))
+        return None if mem is None else mem / "memory.oom_control"
+
     def _available(self) -> tuple[str, str]:
         mount = self._by_controller.get("cpuset")
         if mount is not None:

@@ -57,6 +57,9 @@ class V2Manager(BaseManager):
     def _dirs(self, rel: PurePosixPath) -> list[Path]:
         return [self.root / rel]
 
+    def oom_file(self, path: str) -> Path | None:
+        return self.root / cgroup_rel(path) / "memory.events"
+
     def _available(self) -> tuple[str, str]:
         cpus = read_file(self.fs, self.root / "cpuset.cpus.effective", "").strip()
         mems = read_file(self.fs, self.root / "cpuset.mems.effective", "").strip()

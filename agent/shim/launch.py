@@ -215,11 +215,20 @@ class Launcher:
         handoff: dict[str, Any] = {
             **{k: self.a.get(k) for k in ("id", "state_dir", "bundle", "tty", "open_stdin", "stdin_once",
                                           "cgroup_path", "runtime", "runtime_root", "runtime_path",
-                                          "log_path", "log_opts")},
+                                          "log_path", "log_opts", "hold_output")},
             "listener": self.listener.fileno(), "outputs": {str(fd): k for fd, k in self.outputs.items()},
             "stdin_fd": self.stdin_fd, "master": self.master, "mounted": self.mounted, "pid": self.pid,
             "status": self.status, "started_at": self.started_at,
         }
+        try:
+            from agent.runtime.cgroups import detect
+
+            manager = detect()
+            handoff["cgroup_dirs"] = [str(d) for d in manager.dirs(self.a["cgroup_path"])]
+            oom = manager.oom_file(self.a["cgroup_path"])
+            handoff["oom_file"] = str(oom) if oom else ""
+        except OSError:
+            pass
         pending = getattr(self.executor, "_pending", {}).get(self.id)
         if pending is not None:
             handoff.update(sync_r=pending.sync_r, start_w=pending.start_w)

@@ -41,6 +41,8 @@ HIGH_WATER = 4 << 20
 LOW_WATER = 1 << 20
 #: how long output may keep flowing after PID 1 exited (an escaped writer cannot hold us)
 DRAIN_TIMEOUT = 2.0
+#: how long a started container's output may wait for the attach that asked to hold it
+HOLD_TIMEOUT = 10.0
 #: the launcher's hand-off, beside the socket
 HANDOFF = "monitor.json"
 
@@ -88,10 +90,16 @@ class Monitor(ExecMixin):
         self.pid = int(h["pid"])
         self.status: str = h["status"]
         self.started_at = int(h["started_at"])
+        self.cgroup_dirs: list[str] = list(h.get("cgroup_dirs") or [])
+        self.oom_file: str = h.get("oom_file") or ""
         self.start_w = int(h.get("start_w", -1))
         self.sync_r = int(h.get("sync_r", -1))
         self.exit_code: int | None = None
         self.exited_at = 0.0
+        #: docker run: output waits in its pipes until the first attach (or HOLD_TIMEOUT)
+        self.holding = bool(h.get("hold_output"))
+        self.hold_deadline = time.monotonic() + HOLD_TIMEOUT
+        self.released_at = 0.0
         self.sessions: dict[int, ExecSession] = {}   # pid -> session
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         for fd in (*self.outputs, self.stdin_fd, self.master, self.start_w, self.sync_r):
@@ -118,15 +126,23 @@ class Monitor(ExecMixin):
         assert self.listener is not None
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
         self.sel.register(self.wake_r, selectors.EVENT_READ, "signal")
-        for fd in self.outputs:
-            self.sel.register(fd, selectors.EVENT_READ, "output")
+        if self.holding:
+            self.reading = False
+        else:
+            for fd in self.outputs:
+                self.sel.register(fd, selectors.EVENT_READ, "output")
         self.reap()
         while True:
-            timeout = None
-            if self.exit_code is not None:
+            timeout: float | None = None
+            if self.holding:
+                timeout = self.hold_deadline - time.monotonic()
+                if timeout <= 0:
+                    self.release()
+                    timeout = None
+            if self.exit_code is not None and not self.holding:
                 if not self.outputs:
                     break
-                timeout = max(0.0, self.exited_at + DRAIN_TIMEOUT - time.monotonic())
+                timeout = max(0.0, max(self.exited_at, self.released_at) + DRAIN_TIMEOUT - time.monotonic())
                 if timeout == 0:
                     for fd in list(self.outputs):
                         self.close_output(fd)
@@ -207,6 +223,13 @@ class Monitor(ExecMixin):
         else:
             self.log.flush_partial("stdout" if stream == p.STDOUT else "stderr")
         os.close(fd)
+
+    def release(self) -> None:
+        """Stop holding the output back: the attach that asked for it is here (or is late)."""
+        if self.holding:
+            self.holding = False
+            self.released_at = time.monotonic()
+            self._update_reading()
 
     def set_reading(self, on: bool) -> None:
         if on == self.reading:
@@ -324,6 +347,8 @@ class Monitor(ExecMixin):
         self._update_reading()
 
     def _update_reading(self) -> None:
+        if self.holding:
+            return
         backlog = max((len(c.out) for c in self.clients.values() if c.mode == "attach"), default=0)
         if backlog > HIGH_WATER:
             self.set_reading(False)
@@ -399,6 +424,7 @@ class Monitor(ExecMixin):
             client.streams = {s for s, on in ((p.STDOUT, req.get("stdout", True)),
                                                (p.STDERR, req.get("stderr", True))) if on}
             client.stdin = bool(req.get("stdin")) and self.open_stdin
+            self.release()
             return {"ok": True, **self.state()}
         if op == "wait":
             client.mode = "wait"
@@ -467,16 +493,13 @@ class Monitor(ExecMixin):
     def finish(self) -> None:
         self.log.close()
         self.close_stdin()
-        oom = False
+        oom = _oom_killed(self.oom_file)
         error = ""
         try:
-            from agent.runtime.cgroups import detect
-
-            oom = detect().stats(self.cgroup_path).oom_killed
-        except Exception:  # noqa: BLE001 - the cgroup may be gone already
-            pass
-        try:
-            self.executor.delete(self.id)
+            if self.runtime == "builtin" and self.cgroup_dirs:
+                self.delete_builtin()
+            else:
+                self.executor.delete(self.id)
         except Exception as exc:  # noqa: BLE001
             error = f"delete: {exc}"
         self.unmount()
@@ -492,6 +515,50 @@ class Monitor(ExecMixin):
         self.flush_all(deadline=time.monotonic() + 5.0)
         self.cleanup_socket()
 
+    def delete_builtin(self, timeout: float = 5.0) -> None:
+        """What ``BuiltinExecutor.delete`` does, from the paths the launcher handed over, so the
+        exit path imports nothing: kill what is left in the cgroup, remove it, drop the state."""
+        procs = os.path.join(self.cgroup_dirs[0], "cgroup.procs")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(procs, encoding="ascii") as f:
+                    left = [int(pid) for pid in f.read().split()]
+            except FileNotFoundError:
+                left = []
+            if not left:
+                break
+            if time.monotonic() >= deadline:
+                raise OSError(errno.EBUSY, f"cgroup {self.cgroup_path} still has processes {left}")
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.reap()
+            time.sleep(0.002)
+        for d in reversed(self.cgroup_dirs):
+            for _ in range(100):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        raise
+                    time.sleep(0.005)
+        state = os.path.join(self.runtime_root, self.id)
+        for name in ("state.json", "state.tmp"):
+            try:
+                os.unlink(os.path.join(state, name))
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(state)
+        except OSError:
+            pass
+
     def flush_all(self, deadline: float) -> None:
         for client in list(self.clients.values()):
             client.sock.setblocking(True)
@@ -506,12 +573,10 @@ class Monitor(ExecMixin):
 
     def unmount(self) -> None:
         if self.mounted:
-            from agent.runtime import syscalls as sc
+            import ctypes  # at the end only; the runtime's syscalls module would cost ~15 ms here
 
-            try:
-                sc.LinuxSyscalls().umount2(self.rootfs, sc.MNT_DETACH)
-            except OSError:
-                pass
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.umount2(os.fsencode(self.rootfs), 2)  # MNT_DETACH; a failure leaves it to the agent
             self.mounted = False
 
     def cleanup_socket(self) -> None:
@@ -523,6 +588,19 @@ class Monitor(ExecMixin):
                 os.unlink(os.path.join(self.state_dir, name))
             except FileNotFoundError:
                 pass
+
+
+def _oom_killed(path: str) -> bool:
+    """Whether the cgroup's ``oom_kill`` counter (v1 memory.oom_control, v2 memory.events) moved."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value) > 0
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _write_atomic(path: str, data: bytes) -> None:
