@@ -1,4 +1,4 @@
-"""Demo: a local registry, a private skiffd, and `skiff pull` / `skiff images` against them."""
+"""Demo: a local registry, a private skiffd, and skiff's image and container commands against them."""
 
 from __future__ import annotations
 
@@ -35,6 +35,16 @@ def main() -> int:
                 skiff(agent, "pull", ref)
                 skiff(agent, "images")
                 skiff(agent, "image", "inspect", "-f", "{{.Os}}/{{.Architecture}} {{json .RootFS.Layers}}", ref)
+                skiff(agent, "run", "--rm", "--hostname", "demo", ref, "sh", "-c",
+                      "echo hello from $(hostname), pid $$; grep CapEff /proc/self/status")
+                skiff(agent, "run", "-d", "--name", "ticker", "--memory", "32m", ref, "sh", "-c",
+                      "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done")
+                skiff(agent, "ps")
+                skiff(agent, "exec", "ticker", "ps")
+                skiff(agent, "logs", "--tail", "3", "ticker")
+                skiff(agent, "stop", "-t", "1", "ticker")
+                skiff(agent, "ps", "-a", "--format", "{{.Names}}\t{{.Status}}")
+                skiff(agent, "rm", "ticker")
             finally:
                 agent.stop()
     return 0
