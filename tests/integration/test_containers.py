@@ -212,6 +212,7 @@ def test_live_restore(fresh_agent: AgentProcess, registry: Registry) -> None:
     assert "bye" in agent.ok("logs", "ends")
     ticks = agent.ok("logs", "keeps").split("\n")
     assert len(ticks) > 15
+    assert agent.ok("exec", "keeps", "echo", "still managed") == "still managed\n"
     agent.ok("stop", "-t", "1", "keeps")
     assert _inspect(agent, "keeps")["State"]["ExitCode"] == 137
     agent.remove_all_containers()
@@ -295,3 +296,21 @@ def test_an_image_in_use_is_kept(agent: AgentProcess, registry: Registry, clean:
     agent.ok("image", "prune", "-f")
     assert not agent.ok("images", "-aq").strip()
     agent.ok("pull", "-q", ref)  # leave the module's image in place for the other tests
+
+
+def test_resource_flags_reach_the_cgroup(agent: AgentProcess, image: str, clean: None) -> None:
+    """Read the limits from inside (the cgroup namespace shows the container's own cgroup)."""
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    files = (["cpu.max", "cpuset.cpus", "memory.max", "memory.low", "pids.max"] if v2 else
+             ["cpu/cpu.cfs_quota_us", "cpuset/cpuset.cpus", "memory/memory.limit_in_bytes",
+              "memory/memory.soft_limit_in_bytes", "pids/pids.max"])
+    out = agent.ok("run", "--rm", "--cpus", "0.5", "--cpuset-cpus", "0", "--memory", "64m",
+                   "--memory-reservation", "16m", "--pids-limit", "10", image,
+                   "cat", *(f"/sys/fs/cgroup/{f}" for f in files))
+    values = out.split("\n")
+    if v2:
+        assert values[:5] == ["50000 100000", "0", str(64 << 20), str(16 << 20), "10"]
+    else:
+        assert values[:5] == ["50000", "0", str(64 << 20), str(16 << 20), "10"]
+    default = agent.ok("run", "--rm", image, "cat", "/sys/fs/cgroup/" + ("pids.max" if v2 else "pids/pids.max"))
+    assert default.strip() == "4096"
