@@ -54,7 +54,7 @@ def config_dict(c: pb.ContainerConfig) -> dict[str, Any]:
         "cap_drop": list(c.cap_drop), "security_opt": list(c.security_opt), "read_only": c.read_only,
         "ulimits": [{"name": u.name, "soft": u.soft, "hard": u.hard} for u in c.ulimits],
         "resources": resources, "runtime": c.runtime, "labels": dict(c.labels), "privileged": c.privileged,
-        "shm_size": c.shm_size,
+        "shm_size": c.shm_size, "pid_mode": c.pid_mode, "ipc_mode": c.ipc_mode, "uts_mode": c.uts_mode,
     }
 
 

@@ -62,10 +62,10 @@ def _filter_resolv(text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def default_hostname(container_id: str, network_mode: str, requested: str) -> str:
+def default_hostname(container_id: str, network_mode: str, requested: str, uts_mode: str = "") -> str:
     if requested:
         return requested
-    if network_mode == "host":
+    if network_mode == "host" or uts_mode == "host":
         return socket.gethostname()
     return container_id[:12]
 
@@ -102,7 +102,9 @@ def spec_options(container_id: str, config: dict[str, Any], bundle: Path, user_r
         readonly_rootfs=bool(config.get("read_only")), cap_add=list(config.get("cap_add") or []),
         cap_drop=list(config.get("cap_drop") or []),
         no_new_privileges=bool(config.get("no_new_privileges")), privileged=bool(config.get("privileged")),
-        network_mode=network, hostname_path=hostname_path, hosts_path=hosts_path,
+        network_mode=network, pid_mode=str(config.get("pid_mode") or ""),
+        ipc_mode=str(config.get("ipc_mode") or ""), uts_mode=str(config.get("uts_mode") or ""),
+        hostname_path=hostname_path, hosts_path=hosts_path,
         resolv_conf_path=resolv_path, mounts=mounts, ulimits=ulimits, resources=resources(config),
         cgroups_path=cgroup_path, annotations={"org.skiff.container": container_id},
         shm_size=int(config.get("shm_size") or specmod.DEFAULT_SHM_SIZE),

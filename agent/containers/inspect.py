@@ -62,6 +62,9 @@ def inspect_document(record: ContainerRecord, *, log_path: str, bundle: str) -> 
         "ExecIDs": None,
         "HostConfig": {
             "NetworkMode": c.get("network_mode") or "none",
+            "PidMode": c.get("pid_mode") or "",
+            "IpcMode": c.get("ipc_mode") or "private",
+            "UTSMode": c.get("uts_mode") or "",
             "LogConfig": {"Type": "json-file", "Config": dict(c.get("log_opts_raw") or {})},
             "AutoRemove": bool(c.get("auto_remove")),
             "Runtime": c.get("runtime") or "builtin",
@@ -105,7 +108,10 @@ def inspect_document(record: ContainerRecord, *, log_path: str, bundle: str) -> 
             else str(stop_signal),
             **({"StopTimeout": c["stop_timeout"]} if c.get("stop_timeout") is not None else {}),
         },
-        "NetworkSettings": {"Networks": {c.get("network_mode") or "none": {}}},
+        "NetworkSettings": {
+            "IPAddress": "", "IPPrefixLen": 0, "Gateway": "", "MacAddress": "", "Ports": {},
+            "Networks": {c.get("network_mode") or "none": {"IPAddress": "", "Gateway": "", "MacAddress": ""}},
+        },
     }
 
 

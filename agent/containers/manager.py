@@ -118,7 +118,10 @@ class ContainerManager:
             entrypoint = " ".join(req.get("entrypoint") or []) if req.get("entrypoint") else ""
         args = imageconfig.resolve_command(image_config.get("Entrypoint"), image_config.get("Cmd"),
                                            entrypoint, req.get("cmd") or [])
-        hostname = bundlemod.default_hostname(container_id, network, req.get("hostname") or "")
+        if req.get("uts_mode") == "host" and req.get("hostname"):
+            raise InvalidArgument("conflicting options: hostname and the UTS mode")
+        hostname = bundlemod.default_hostname(container_id, network, req.get("hostname") or "",
+                                              req.get("uts_mode") or "")
         tty = bool(req.get("tty"))
         env = imageconfig.merge_env(image_config.get("Env") or [], req.get("env") or [],
                                     req.get("env_files") or [], {}, hostname=hostname, terminal=tty)
@@ -135,7 +138,8 @@ class ContainerManager:
             "stop_signal": imageconfig.stop_signal(image_config.get("StopSignal"), req.get("stop_signal") or None),
             "stop_timeout": req.get("stop_timeout"), "log_opts": parse_log_opts(req.get("log_opts") or {}).to_dict(),
             "log_opts_raw": dict(req.get("log_opts") or {}),
-            "network_mode": network, "cap_add": list(req.get("cap_add") or []),
+            "network_mode": network, "pid_mode": req.get("pid_mode") or "", "ipc_mode": req.get("ipc_mode") or "",
+            "uts_mode": req.get("uts_mode") or "", "cap_add": list(req.get("cap_add") or []),
             "cap_drop": list(req.get("cap_drop") or []), "security_opt": list(req.get("security_opt") or []),
             **security, "read_only": bool(req.get("read_only")),
             "ulimits": {u["name"]: [u["soft"], u["hard"]] for u in req.get("ulimits") or []},

@@ -154,6 +154,10 @@ class ContainerSpecOptions:
     privileged: bool = False
     #: "none", "host", or the path of a network namespace to join (``/run/netns/x``)
     network_mode: str = "none"
+    #: "" for a private namespace, "host" to share the host's (docker's --pid/--ipc/--uts)
+    pid_mode: str = ""
+    ipc_mode: str = ""
+    uts_mode: str = ""
     #: host files bind-mounted over /etc/hostname, /etc/hosts, /etc/resolv.conf
     hostname_path: Path | None = None
     hosts_path: Path | None = None
@@ -206,9 +210,24 @@ def normalize_capability(name: str) -> str:
 
 
 def all_capabilities(cap_last_cap: int | None = None) -> list[str]:
-    """Every capability the kernel knows, in number order."""
+    """Every capability the kernel knows, in number order; on the host (``cap_last_cap``
+    None), only those in this process's bounding set: a container cannot be given what the
+    agent does not have (a nested or confined agent lacks some), and asking fails capset."""
     last = host_cap_last_cap() if cap_last_cap is None else cap_last_cap
-    return [name for name, number in sorted(CAPABILITIES.items(), key=lambda kv: kv[1]) if number <= last]
+    bounding = _own_bounding_set() if cap_last_cap is None else ~0
+    return [name for name, number in sorted(CAPABILITIES.items(), key=lambda kv: kv[1])
+            if number <= last and bounding >> number & 1]
+
+
+def _own_bounding_set() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapBnd:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return ~0
 
 
 def tweak_capabilities(cap_add: list[str], cap_drop: list[str], *, privileged: bool = False,
@@ -406,8 +425,13 @@ def rlimits(ulimits: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
 # --- the spec -----------------------------------------------------------------------
 
 
-def _namespaces(network_mode: str) -> list[dict[str, str]]:
-    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
+def _namespaces(network_mode: str, pid_mode: str = "", ipc_mode: str = "",
+                uts_mode: str = "") -> list[dict[str, str]]:
+    for flag, mode in (("--pid", pid_mode), ("--ipc", ipc_mode), ("--uts", uts_mode)):
+        if mode not in ("", "host"):
+            raise InvalidArgument(f"invalid {flag} mode {mode!r}: use host, or leave it private")
+    shared = {"pid": pid_mode, "ipc": ipc_mode, "uts": uts_mode}
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup") if shared.get(t) != "host"]
     if network_mode == "none":
         namespaces.append({"type": "network"})
     elif network_mode.startswith("/"):
@@ -470,7 +494,7 @@ def build_spec(opts: ContainerSpecOptions) -> dict[str, Any]:
     readonly = [] if opts.privileged else list(DEFAULT_READONLY_PATHS if opts.readonly_paths is None
                                                else opts.readonly_paths)
     linux: dict[str, Any] = {
-        "namespaces": _namespaces(opts.network_mode),
+        "namespaces": _namespaces(opts.network_mode, opts.pid_mode, opts.ipc_mode, opts.uts_mode),
         "resources": linux_resources(opts.resources, privileged=opts.privileged,
                                      swap_limit_supported=opts.swap_limit_supported),
         "maskedPaths": masked,
@@ -488,7 +512,7 @@ def build_spec(opts: ContainerSpecOptions) -> dict[str, Any]:
         "mounts": _mounts(opts),
         "linux": linux,
     }
-    if opts.hostname:
+    if opts.hostname and opts.uts_mode != "host":  # the host's name is not ours to set
         spec["hostname"] = opts.hostname
     if opts.annotations:
         spec["annotations"] = dict(opts.annotations)

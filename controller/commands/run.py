@@ -91,6 +91,9 @@ def container_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--network", "--net", "network", default="none",
                      help="Connect a container to a network: none (the default until the bridge network "
                           "arrives) or host."),
+        click.option("--pid", "pid_mode", default="", help="PID namespace to use (host)."),
+        click.option("--ipc", "ipc_mode", default="", help="IPC mode to use (host)."),
+        click.option("--uts", "uts_mode", default="", help="UTS namespace to use (host)."),
         click.option("--cap-add", multiple=True, help="Add Linux capabilities."),
         click.option("--cap-drop", multiple=True, help="Drop Linux capabilities."),
         click.option("--security-opt", multiple=True, help="Security options (no-new-privileges, "
@@ -146,7 +149,11 @@ def build_config(image: str, command: tuple[str, ...], o: dict[str, Any]) -> pb.
         init=o["init"], stop_signal=o["stop_signal"], log_opts=log_opts, network_mode=o["network"],
         cap_add=list(o["cap_add"]), cap_drop=list(o["cap_drop"]), security_opt=security, read_only=o["read_only"],
         ulimits=[parse_ulimit(u) for u in o["ulimit"]], cpus=o["cpus"], cpuset_cpus=o["cpuset_cpus"],
-        runtime=o["runtime"], labels=labels, privileged=o["privileged"])
+        runtime=o["runtime"], labels=labels, privileged=o["privileged"], pid_mode=o["pid_mode"],
+        ipc_mode=o["ipc_mode"], uts_mode=o["uts_mode"])
+    for flag, mode in (("--pid", o["pid_mode"]), ("--ipc", o["ipc_mode"]), ("--uts", o["uts_mode"])):
+        if mode not in ("", "host"):
+            raise UsageError(f"invalid {flag}: {mode!r}: only host is supported (or leave it private)")
     if o["network"] not in ("none", "host"):
         raise UsageError(f"network {o['network']!r} not found: skiff supports none and host for now")
     if o["entrypoint"] is not None:

@@ -314,3 +314,21 @@ def test_resource_flags_reach_the_cgroup(agent: AgentProcess, image: str, clean:
         assert values[:5] == ["50000", "0", str(64 << 20), str(16 << 20), "10"]
     default = agent.ok("run", "--rm", image, "cat", "/sys/fs/cgroup/" + ("pids.max" if v2 else "pids/pids.max"))
     assert default.strip() == "4096"
+
+
+def test_pid_host_and_privileged_nsenter(agent: AgentProcess, image: str, clean: None) -> None:
+    import socket
+
+    host_init = Path("/proc/1/comm").read_text()
+    assert agent.ok("run", "--rm", "--pid", "host", image, "cat", "/proc/1/comm") == host_init
+    assert agent.ok("run", "--rm", image, "cat", "/proc/1/comm") == "cat\n"
+    # the cheatsheet's way into the host: nsenter into a host process's namespaces (PID 1 here is
+    # a sandbox's init that even the host's root may not enter, so this test's own process)
+    import os
+
+    out = agent.ok("run", "--rm", "--privileged", "--pid=host", image, "busybox", "nsenter", "-t", str(os.getpid()),
+                   "-m", "-u", "-n", "-i", "hostname")
+    assert out.strip() == socket.gethostname()
+    assert agent.ok("run", "--rm", "--uts", "host", image, "hostname").strip() == socket.gethostname()
+    bad = agent.cli("run", "--rm", "--pid", "container:x", image, "true")
+    assert bad.code == 125 and len(bad.err.strip().splitlines()) == 1

@@ -148,6 +148,9 @@ class ContainerConfig(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     PRIVILEGED_FIELD_NUMBER: _builtins.int
     SHM_SIZE_FIELD_NUMBER: _builtins.int
+    PID_MODE_FIELD_NUMBER: _builtins.int
+    IPC_MODE_FIELD_NUMBER: _builtins.int
+    UTS_MODE_FIELD_NUMBER: _builtins.int
     image: _builtins.str
     """as typed; pulled if missing"""
     name: _builtins.str
@@ -178,6 +181,12 @@ class ContainerConfig(_message.Message):
     """"" (built-in), "runc", "crun" """
     privileged: _builtins.bool
     shm_size: _builtins.int
+    pid_mode: _builtins.str
+    """"" (private) or "host" """
+    ipc_mode: _builtins.str
+    """"" (private) or "host" """
+    uts_mode: _builtins.str
+    """"" (private) or "host" """
     @_builtins.property
     def cmd(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """arguments after the image"""
@@ -243,10 +252,13 @@ class ContainerConfig(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         privileged: _builtins.bool = ...,
         shm_size: _builtins.int = ...,
+        pid_mode: _builtins.str = ...,
+        ipc_mode: _builtins.str = ...,
+        uts_mode: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "cap_add", b"cap_add", "cap_drop", b"cap_drop", "cmd", b"cmd", "cpus", b"cpus", "cpuset_cpus", b"cpuset_cpus", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "env_files", b"env_files", "hostname", b"hostname", "image", b"image", "init", b"init", "labels", b"labels", "log_opts", b"log_opts", "memory", b"memory", "memory_reservation", b"memory_reservation", "memory_swap", b"memory_swap", "name", b"name", "network_mode", b"network_mode", "open_stdin", b"open_stdin", "pids_limit", b"pids_limit", "pids_limit_set", b"pids_limit_set", "privileged", b"privileged", "read_only", b"read_only", "runtime", b"runtime", "security_opt", b"security_opt", "shm_size", b"shm_size", "stdin_once", b"stdin_once", "stop_signal", b"stop_signal", "stop_timeout", b"stop_timeout", "stop_timeout_set", b"stop_timeout_set", "tty", b"tty", "ulimits", b"ulimits", "user", b"user", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "cap_add", b"cap_add", "cap_drop", b"cap_drop", "cmd", b"cmd", "cpus", b"cpus", "cpuset_cpus", b"cpuset_cpus", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "env_files", b"env_files", "hostname", b"hostname", "image", b"image", "init", b"init", "ipc_mode", b"ipc_mode", "labels", b"labels", "log_opts", b"log_opts", "memory", b"memory", "memory_reservation", b"memory_reservation", "memory_swap", b"memory_swap", "name", b"name", "network_mode", b"network_mode", "open_stdin", b"open_stdin", "pid_mode", b"pid_mode", "pids_limit", b"pids_limit", "pids_limit_set", b"pids_limit_set", "privileged", b"privileged", "read_only", b"read_only", "runtime", b"runtime", "security_opt", b"security_opt", "shm_size", b"shm_size", "stdin_once", b"stdin_once", "stop_signal", b"stop_signal", "stop_timeout", b"stop_timeout", "stop_timeout_set", b"stop_timeout_set", "tty", b"tty", "ulimits", b"ulimits", "user", b"user", "uts_mode", b"uts_mode", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
