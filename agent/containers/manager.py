@@ -337,7 +337,28 @@ class ContainerManager:
             else:
                 await self._exited_with(record.id, await self._exit_record(record.id))
                 exited += 1
-        return {"containers_running": running, "containers_exited": exited}
+        return {"containers_running": running, "containers_exited": exited, "containers_orphans": self.sweep()}
+
+    def sweep(self) -> int:
+        """Remove what a crash in the middle of ``create`` or ``rm`` left without a record: container
+        snapshots, bundle and runtime directories.  Never touches a live shim's directory."""
+        known = {r.id for r in self.store.all()}
+        removed = 0
+        for row in self.store.db.query("SELECT chain_id FROM snapshots WHERE chain_id LIKE 'container-%'"):
+            if row["chain_id"].removeprefix("container-") not in known:
+                with contextlib.suppress(SkiffError, OSError):
+                    self.snapshots.remove(row["chain_id"])
+                    removed += 1
+        shutil.rmtree(self.data_root / ".validate", ignore_errors=True)
+        for root in (self.data_root, self.exec_root):
+            for entry in root.iterdir() if root.is_dir() else []:
+                if entry.name in known or entry.name.startswith(".") or _shim_alive(entry):
+                    continue
+                if os.path.ismount(entry / "rootfs"):
+                    continue  # mounted: left for an operator rather than removed under a mount
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        return removed
 
     # --- stop, kill, wait ------------------------------------------------------------
 

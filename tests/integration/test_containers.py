@@ -332,3 +332,20 @@ def test_pid_host_and_privileged_nsenter(agent: AgentProcess, image: str, clean:
     assert agent.ok("run", "--rm", "--uts", "host", image, "hostname").strip() == socket.gethostname()
     bad = agent.cli("run", "--rm", "--pid", "container:x", image, "true")
     assert bad.code == 125 and len(bad.err.strip().splitlines()) == 1
+
+
+def test_restart_sweeps_what_a_crash_left(fresh_agent: AgentProcess, registry: Registry) -> None:
+    agent = fresh_agent
+    ref = f"{registry.host}/busybox:1"
+    agent.ok("pull", "-q", ref)
+    keep = agent.ok("create", "--name", "kept", ref, "true").strip()
+    agent.kill9()
+    orphan = "f" * 64
+    for root in (agent.data_root / "containers", agent.exec_root / "containers"):
+        (root / orphan).mkdir(parents=True, exist_ok=True)
+        (root / orphan / "leftover").write_text("x")
+    agent.start()
+    assert not (agent.data_root / "containers" / orphan).exists()
+    assert not (agent.exec_root / "containers" / orphan).exists()
+    assert (agent.data_root / "containers" / keep).is_dir()
+    assert agent.ok("start", "-a", "kept") == ""
