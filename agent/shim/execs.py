@@ -54,6 +54,7 @@ class ExecMixin:
 
     if TYPE_CHECKING:  # provided by the Monitor
         id: str
+        state_dir: str
         pid: int
         bundle: str
         cgroup_path: str
@@ -128,7 +129,7 @@ class ExecMixin:
             if helper == 0:  # pragma: no cover - the child never returns
                 os.close(sync_r)
                 _exec_helper(self.runtime, self.runtime_root, self.runtime_path, self.id, self.pid, process,
-                             self.cgroup_path, stdio, sync_w, seccomp)
+                             self.cgroup_path, stdio, sync_w, seccomp, os.path.join(self.state_dir, "seccomp.bpf"))
             os.close(sync_w)
             sync_w = -1
             messages = p.read_json_lines(sync_r, timeout=30.0)
@@ -227,11 +228,17 @@ class ExecMixin:
 
 def _exec_helper(runtime: str, runtime_root: str, runtime_path: str, container_id: str, target_pid: int,
                  process: dict[str, Any], cgroup_path: str, stdio: tuple[int, int, int], sync_fd: int,
-                 seccomp: dict[str, Any] | None) -> None:
+                 seccomp: dict[str, Any] | None, bpf_path: str = "") -> None:
     """In the forked helper: start ``process`` with the container's runtime; never returns."""
     try:
         if runtime == "builtin":
             from agent.runtime import nsexec
+
+            if seccomp and bpf_path and os.path.exists(bpf_path):
+                from agent.runtime import seccomp as filters
+
+                with open(bpf_path, "rb") as f:
+                    filters._BPF_CACHE[filters.profile_key(seccomp)] = f.read()
 
             nsexec.join(target_pid, process, cgroup_path, stdio, sync_fd, seccomp)
         from pathlib import Path

@@ -35,7 +35,7 @@ from agent.runtime import syscalls as sc
 from agent.runtime.executor import BuiltinExecutor, ContainerStartError, RuncExecutor, Stdio
 from agent.shim import protocol as p
 from agent.shim.execs import _set_winsize
-from agent.shim.monitor import HANDOFF
+from agent.shim.monitor import HANDOFF, SECCOMP_BPF
 
 CONTROL_FD = 3
 #: overlay options longer than this are given relative to the layers' common directory
@@ -208,6 +208,22 @@ class Launcher:
                 pass
             self.mounted = False
 
+    def save_seccomp(self) -> None:
+        """The compiled filter beside the socket, for exec helpers (they start without our cache)."""
+        try:
+            with open(self.bundle / "config.json", encoding="utf-8") as f:
+                profile = json.load(f).get("linux", {}).get("seccomp")
+            if not profile:
+                return
+            from agent.runtime import seccomp
+
+            bpf = seccomp.compile_bpf(profile)
+            if bpf is not None:
+                with open(os.path.join(self.state_dir, SECCOMP_BPF), "wb") as f:
+                    f.write(bpf)
+        except Exception:  # noqa: BLE001 - an exec then compiles the profile itself
+            pass
+
     def become_monitor(self) -> None:
         """Exec the monitor in this process with the fds it keeps (see the module doc)."""
         assert self.listener is not None
@@ -236,6 +252,7 @@ class Launcher:
         for fd in keep:
             if fd >= 0:
                 os.set_inheritable(fd, True)
+        self.save_seccomp()
         path = os.path.join(self.state_dir, HANDOFF)
         with open(path, "w", encoding="utf-8") as f:
             json.dump(handoff, f)
@@ -281,8 +298,10 @@ def _warm() -> None:
         pass
     try:
         from agent.runtime import seccomp
+        from agent.runtime.spec import DEFAULT_CAPABILITIES
 
         seccomp.load_binding()
+        seccomp.compile_bpf(seccomp.default_profile(capabilities=list(DEFAULT_CAPABILITIES)))
     except Exception:  # noqa: BLE001 - a container with a profile reports it at start
         pass
 

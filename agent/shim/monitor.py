@@ -45,6 +45,8 @@ DRAIN_TIMEOUT = 2.0
 HOLD_TIMEOUT = 10.0
 #: the launcher's hand-off, beside the socket
 HANDOFF = "monitor.json"
+#: the container's compiled seccomp filter, for exec helpers
+SECCOMP_BPF = "seccomp.bpf"
 
 
 class Client:
@@ -583,7 +585,7 @@ class Monitor(ExecMixin):
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-        for name in (p.SOCKET, p.PID_FILE, HANDOFF):
+        for name in (p.SOCKET, p.PID_FILE, HANDOFF, SECCOMP_BPF):
             try:
                 os.unlink(os.path.join(self.state_dir, name))
             except FileNotFoundError:
