@@ -241,18 +241,15 @@ class ContainersService(containers_pb2_grpc.ContainersServicer):
         if not (first.stdout or first.stderr or first.stdin):
             request.update(stdout=True, stderr=True)
 
-        async def connect(record: ContainerRecord) -> ShimStream:
-            return await ShimStream.open(self.manager.state_dir(record.id), request)
-
         size = (first.resize.rows, first.resize.cols) if first.HasField("resize") and first.resize.rows else None
         if first.start:
-            record, stream = await self.manager.start(first.container, attach=connect, size=size)
+            record, stream = await self.manager.start(first.container, attach=request, size=size)
             assert stream is not None
         else:
             record = self.manager.resolve(first.container)
             if not record.running:
                 raise Conflict("You cannot attach to a stopped container, start it first")
-            stream = await connect(record)
+            stream = await ShimStream.open(self.manager.state_dir(record.id), request)
             if size:
                 await stream.send(p.RESIZE, json.dumps({"rows": size[0], "cols": size[1]}).encode())
         yield pb.StreamOutput(kind=pb.StreamOutput.STARTED, id=record.id)

@@ -16,7 +16,8 @@ def rfc3339(ns: int) -> str:
     if not ns:
         return _ZERO_TIME
     secs, frac = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
+    fraction = f".{frac:09d}".rstrip("0").rstrip(".")  # Go's RFC3339Nano trims trailing zeros
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + fraction + "Z"
 
 
 def command_text(record: ContainerRecord) -> str:
@@ -136,7 +137,7 @@ def matches(record: ContainerRecord, filters: dict[str, list[str]], image_names:
     for key, values in filters.items():
         if key == "id" and not any(record.id.startswith(v) for v in values):
             return False
-        if key == "name" and not any(v.lstrip("/") in record.name for v in values):
+        if key == "name" and not any(_name_matches(v, record.name) for v in values):
             return False
         if key == "status" and record.status not in values:
             return False
@@ -152,3 +153,13 @@ def matches(record: ContainerRecord, filters: dict[str, list[str]], image_names:
                 if k not in labels or (sep and labels[k] != want):
                     return False
     return True
+
+
+def _name_matches(pattern: str, name: str) -> bool:
+    """docker's name filter: a regular expression against the name, with or without its "/"."""
+    import re
+
+    try:
+        return bool(re.search(pattern, name) or re.search(pattern, "/" + name))
+    except re.error:
+        return pattern.lstrip("/") in name

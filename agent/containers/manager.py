@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -185,27 +186,23 @@ class ContainerManager:
 
     # --- start -------------------------------------------------------------------
 
-    async def start(self, ref: str, *, attach: Callable[[ContainerRecord], Awaitable[ShimStream]] | None = None,
+    async def start(self, ref: str, *, attach: dict[str, Any] | None = None,
                     size: tuple[int, int] | None = None) -> tuple[ContainerRecord, ShimStream | None]:
-        """Start a created or exited container.  With ``attach`` (docker run, start -a), the
-        shim holds the container's output back until ``attach`` has connected: none is lost."""
+        """Start a created or exited container.  With ``attach`` (the attach request: docker run,
+        start -a), the launch connection itself becomes the attach stream: no output is lost."""
         record = self.resolve(ref)
         async with self.lock(record.id):
             record = self.resolve(record.id)
             if record.running:
-                return record, (await attach(record) if attach else None)
-            await self._launch(record, start=True, size=size, hold_output=attach is not None)
-            if attach is None:
+                stream = await ShimStream.open(self.state_dir(record.id), attach) if attach else None
+                return record, stream
+            sock = await self._launch(record, start=True, size=size, attach=attach)
+            if sock is None:
                 return record, None
-            try:
-                return record, await attach(record)
-            except BaseException:
-                with contextlib.suppress(ShimGone, OSError, TimeoutError, SkiffError):
-                    await call(self.state_dir(record.id), {"op": "kill", "signal": int(signal.SIGKILL)}, timeout=5)
-                raise
+            return record, await ShimStream.adopt(sock, dict(record.state))
 
     async def _launch(self, record: ContainerRecord, *, start: bool, size: tuple[int, int] | None,
-                      hold_output: bool = False) -> None:
+                      attach: dict[str, Any] | None = None) -> socket.socket | None:
         bundle = self.bundle_dir(record.id)
         state_dir = self.state_dir(record.id)
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -224,11 +221,11 @@ class ContainerManager:
             "tty": bool(config.get("tty")), "open_stdin": bool(config.get("open_stdin")),
             "stdin_once": bool(config.get("stdin_once")), "start": start,
             "cgroup_path": self.cgroup_path(record.id), "size": list(size) if size else None,
-            "hold_output": hold_output,
+            "attach": attach,
         }
         self._exited[record.id] = asyncio.Event()
         try:
-            report = await self.pool.launch(assignment)
+            report, sock = await self.pool.launch(assignment)
         except BaseException as exc:
             await self._start_failed(record, exc)
             raise
@@ -237,6 +234,7 @@ class ContainerManager:
         else:
             record.state.update(pid=int(report["pid"]))
             self._monitors[record.id] = asyncio.create_task(self._monitor(record.id))
+        return sock
 
     def _mark_running(self, record: ContainerRecord, report: dict[str, Any]) -> None:
         record.state.update(status=RUNNING, pid=int(report["pid"]), exit_code=0, oom_killed=False, error="",

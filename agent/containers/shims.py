@@ -79,27 +79,28 @@ class ShimPool:
             idle.sock.close()
         return self._spawn()
 
-    async def launch(self, assignment: dict[str, Any]) -> dict[str, Any]:
-        """Hand ``assignment`` to a shim; its report once the container is created or running."""
+    async def launch(self, assignment: dict[str, Any]) -> tuple[dict[str, Any], socket.socket | None]:
+        """Hand ``assignment`` to a shim; its report once the container is created or running.
+
+        With ``assignment["attach"]`` the connection is also returned: the shim keeps its end
+        as an attach stream (frames follow the report), so docker run needs no second connect."""
         if self._closed:
             raise Unavailable("the agent is shutting down")
         idle = self._take()
         loop = asyncio.get_running_loop()
         loop.call_later(REFILL_DELAY, self.fill)  # off the critical path: a new shim costs CPU
+        keep = False
         try:
             idle.sock.setblocking(False)
             await loop.sock_sendall(idle.sock, p.request(assignment))
-            buf = b""
             async with asyncio.timeout(LAUNCH_TIMEOUT):
-                while not buf.endswith(b"\n"):
-                    chunk = await loop.sock_recv(idle.sock, 65536)
-                    if not chunk:
-                        break
-                    buf += chunk
+                buf = await _recv_line(loop, idle.sock)
+            keep = bool(assignment.get("attach")) and b'"error"' not in buf and buf.endswith(b"\n")
         except TimeoutError:
             raise Internal(f"shim for container {assignment['id']}: no report within {LAUNCH_TIMEOUT:g}s") from None
         finally:
-            idle.sock.close()
+            if not keep:
+                idle.sock.close()
             await asyncio.to_thread(idle.proc.wait)  # the shim's first process exits at once
         if not buf.strip():
             raise Internal(f"shim for container {assignment['id']} exited without a report "
@@ -108,7 +109,7 @@ class ShimPool:
         if "error" in report:
             raise ShimLaunchError(str(report["error"]), int(report.get("exit_code") or 125),
                                   str(report.get("stage") or ""))
-        return report
+        return report, (idle.sock if keep else None)
 
     def close(self) -> None:
         self._closed = True
@@ -120,6 +121,30 @@ class ShimPool:
             except subprocess.TimeoutExpired:
                 idle.proc.kill()
                 idle.proc.wait()
+
+
+async def _recv_line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """One line, and not a byte more (what follows may be frames for a stream reader)."""
+    buf = b""
+    while True:
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def wake(ready: asyncio.Future[None] = ready) -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(sock.fileno(), wake)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(sock.fileno())
+        peek = sock.recv(65536, socket.MSG_PEEK)
+        if not peek:
+            return buf
+        end = peek.find(b"\n")
+        buf += sock.recv(end + 1 if end >= 0 else len(peek))
+        if end >= 0:
+            return buf
 
 
 async def open_shim(state_dir: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -170,6 +195,12 @@ class ShimStream:
         self.reader = reader
         self.writer = writer
         self.reply = reply
+
+    @classmethod
+    async def adopt(cls, sock: socket.socket, reply: dict[str, Any]) -> ShimStream:
+        """A stream over a connection that already carried its reply (an attached launch)."""
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=p.MAX_FRAME * 2)
+        return cls(reader, writer, reply)
 
     @classmethod
     async def open(cls, state_dir: Path, request: dict[str, Any]) -> ShimStream:

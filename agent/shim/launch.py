@@ -174,8 +174,10 @@ class Launcher:
             os.write(self.control, json.dumps(message).encode() + b"\n")
         except OSError:
             pass
-        os.close(self.control)
-        self.control = -1
+        if "error" in message or not self.a.get("attach"):
+            os.close(self.control)
+            self.control = -1
+        # else: the agent's end becomes the attach stream (docker run): handed to the monitor
 
     def state(self) -> dict[str, Any]:
         return {"id": self.id, "pid": self.pid, "status": self.status, "started_at": self.started_at,
@@ -245,6 +247,9 @@ class Launcher:
             handoff["oom_file"] = str(oom) if oom else ""
         except OSError:
             pass
+        if self.control >= 0:
+            handoff["attached"] = {**dict(self.a["attach"]), "fd": self.control}
+            keep.append(self.control)
         pending = getattr(self.executor, "_pending", {}).get(self.id)
         if pending is not None:
             handoff.update(sync_r=pending.sync_r, start_w=pending.start_w)

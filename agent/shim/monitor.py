@@ -41,8 +41,6 @@ HIGH_WATER = 4 << 20
 LOW_WATER = 1 << 20
 #: how long output may keep flowing after PID 1 exited (an escaped writer cannot hold us)
 DRAIN_TIMEOUT = 2.0
-#: how long a started container's output may wait for the attach that asked to hold it
-HOLD_TIMEOUT = 10.0
 #: the launcher's hand-off, beside the socket
 HANDOFF = "monitor.json"
 #: the container's compiled seccomp filter, for exec helpers
@@ -98,12 +96,19 @@ class Monitor(ExecMixin):
         self.sync_r = int(h.get("sync_r", -1))
         self.exit_code: int | None = None
         self.exited_at = 0.0
-        #: docker run: output waits in its pipes until the first attach (or HOLD_TIMEOUT)
-        self.holding = bool(h.get("hold_output"))
-        self.hold_deadline = time.monotonic() + HOLD_TIMEOUT
-        self.released_at = 0.0
         self.sessions: dict[int, ExecSession] = {}   # pid -> session
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        attached = h.get("attached")
+        if attached:  # the agent's launch socket, already an attach stream (docker run)
+            sock = socket.socket(fileno=int(attached["fd"]))
+            sock.setblocking(False)
+            sock.set_inheritable(False)
+            client = Client(sock)
+            client.mode = "attach"
+            client.streams = {s for s, on in ((p.STDOUT, attached.get("stdout", True)),
+                                              (p.STDERR, attached.get("stderr", True))) if on}
+            client.stdin = bool(attached.get("stdin")) and self.open_stdin
+            self.clients[sock.fileno()] = client
         for fd in (*self.outputs, self.stdin_fd, self.master, self.start_w, self.sync_r):
             if fd >= 0:
                 os.set_inheritable(fd, False)
@@ -128,23 +133,17 @@ class Monitor(ExecMixin):
         assert self.listener is not None
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
         self.sel.register(self.wake_r, selectors.EVENT_READ, "signal")
-        if self.holding:
-            self.reading = False
-        else:
-            for fd in self.outputs:
-                self.sel.register(fd, selectors.EVENT_READ, "output")
+        for client in self.clients.values():
+            self.sel.register(client.sock, selectors.EVENT_READ, client)
+        for fd in self.outputs:
+            self.sel.register(fd, selectors.EVENT_READ, "output")
         self.reap()
         while True:
             timeout: float | None = None
-            if self.holding:
-                timeout = self.hold_deadline - time.monotonic()
-                if timeout <= 0:
-                    self.release()
-                    timeout = None
-            if self.exit_code is not None and not self.holding:
+            if self.exit_code is not None:
                 if not self.outputs:
                     break
-                timeout = max(0.0, max(self.exited_at, self.released_at) + DRAIN_TIMEOUT - time.monotonic())
+                timeout = max(0.0, self.exited_at + DRAIN_TIMEOUT - time.monotonic())
                 if timeout == 0:
                     for fd in list(self.outputs):
                         self.close_output(fd)
@@ -225,13 +224,6 @@ class Monitor(ExecMixin):
         else:
             self.log.flush_partial("stdout" if stream == p.STDOUT else "stderr")
         os.close(fd)
-
-    def release(self) -> None:
-        """Stop holding the output back: the attach that asked for it is here (or is late)."""
-        if self.holding:
-            self.holding = False
-            self.released_at = time.monotonic()
-            self._update_reading()
 
     def set_reading(self, on: bool) -> None:
         if on == self.reading:
@@ -349,8 +341,6 @@ class Monitor(ExecMixin):
         self._update_reading()
 
     def _update_reading(self) -> None:
-        if self.holding:
-            return
         backlog = max((len(c.out) for c in self.clients.values() if c.mode == "attach"), default=0)
         if backlog > HIGH_WATER:
             self.set_reading(False)
@@ -426,7 +416,6 @@ class Monitor(ExecMixin):
             client.streams = {s for s, on in ((p.STDOUT, req.get("stdout", True)),
                                                (p.STDERR, req.get("stderr", True))) if on}
             client.stdin = bool(req.get("stdin")) and self.open_stdin
-            self.release()
             return {"ok": True, **self.state()}
         if op == "wait":
             client.mode = "wait"

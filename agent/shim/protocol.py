@@ -92,6 +92,6 @@ def read_json_lines(fd: int, timeout: float) -> list[dict[str, Any]]:
     for line in buf.splitlines():
         try:
             out.append(dict(json.loads(line)))
-        except ValueError:
+        except (ValueError, TypeError):  # not JSON, or JSON that is not an object
             out.append({"error": f"garbled message {line!r}", "stage": "sync"})
     return out
