@@ -7,7 +7,7 @@ import contextlib
 import json
 import secrets
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from grpc import aio
@@ -253,21 +253,14 @@ class ContainersService(containers_pb2_grpc.ContainersServicer):
             if size:
                 await stream.send(p.RESIZE, json.dumps({"rows": size[0], "cols": size[1]}).encode())
         yield pb.StreamOutput(kind=pb.StreamOutput.STARTED, id=record.id)
-        pump = asyncio.create_task(_pump_input(request_iterator, stream))
-        try:
-            async for out in _relay(stream):
-                yield out
-                if out.kind == pb.StreamOutput.EXIT:
-                    return
-            # the shim went away without an exit frame: take the record's word
+
+        async def lost() -> pb.StreamOutput:  # the shim went away without an exit frame
             final = await self.manager.wait(record.id)
-            yield pb.StreamOutput(kind=pb.StreamOutput.EXIT, exit_code=int(final.state.get("exit_code") or 0),
-                                  oom_killed=bool(final.state.get("oom_killed")))
-        finally:
-            pump.cancel()
-            with contextlib.suppress(BaseException):
-                await pump
-            stream.close()
+            return pb.StreamOutput(kind=pb.StreamOutput.EXIT, exit_code=int(final.state.get("exit_code") or 0),
+                                   oom_killed=bool(final.state.get("oom_killed")))
+
+        async for out in _serve_stream(request_iterator, stream, lost):
+            yield out
 
 
     async def Exec(self, request_iterator: AsyncIterator[pb.ExecInput],
@@ -295,18 +288,30 @@ class ContainersService(containers_pb2_grpc.ContainersServicer):
         if first.detach:
             stream.close()
             return
-        pump = asyncio.create_task(_pump_input(request_iterator, stream))
-        try:
-            async for out in _relay(stream):
-                yield out
-                if out.kind == pb.StreamOutput.EXIT:
-                    return
-            yield pb.StreamOutput(kind=pb.StreamOutput.EXIT, exit_code=137)
-        finally:
-            pump.cancel()
-            with contextlib.suppress(BaseException):
-                await pump
-            stream.close()
+
+        async def lost() -> pb.StreamOutput:  # the container went away under the exec
+            return pb.StreamOutput(kind=pb.StreamOutput.EXIT, exit_code=137)
+
+        async for out in _serve_stream(request_iterator, stream, lost):
+            yield out
+
+
+async def _serve_stream(requests: AsyncIterator[Any], stream: ShimStream,
+                        lost: Callable[[], Awaitable[pb.StreamOutput]]) -> AsyncIterator[pb.StreamOutput]:
+    """Input from the client to the shim while output goes back, up to the exit frame (or
+    ``lost()``'s word when the shim closes without one)."""
+    pump = asyncio.create_task(_pump_input(requests, stream))
+    try:
+        async for out in _relay(stream):
+            yield out
+            if out.kind == pb.StreamOutput.EXIT:
+                return
+        yield await lost()
+    finally:
+        pump.cancel()
+        with contextlib.suppress(BaseException):
+            await pump
+        stream.close()
 
 
 async def _pump_input(requests: AsyncIterator[Any], stream: ShimStream) -> None:

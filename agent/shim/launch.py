@@ -114,14 +114,18 @@ class Launcher:
         _, fds, _, _ = socket.recv_fds(console, 16, 1)
         if not fds:
             raise OSError(errno.EPROTO, "the container's init sent no console")
-        self.master = fds[0]
-        os.set_blocking(self.master, False)
+        self.adopt_master(fds[0])
+
+    def adopt_master(self, master: int) -> None:
+        """The container's pty master: its output, its stdin (with -i), sized as asked."""
+        self.master = master
+        os.set_blocking(master, False)
         size = self.a.get("size")
         if size:
-            _set_winsize(self.master, int(size[0]), int(size[1]))
-        self.outputs[self.master] = p.STDOUT
+            _set_winsize(master, int(size[0]), int(size[1]))
+        self.outputs[master] = p.STDOUT
         if self.open_stdin:
-            self.stdin_fd = self.master
+            self.stdin_fd = master
 
     def mount_rootfs(self) -> None:
         os.makedirs(self.rootfs, exist_ok=True)
@@ -141,15 +145,9 @@ class Launcher:
             self.mounted = True
 
     def make_stdio(self) -> tuple[Stdio, list[int]]:
-        if self.tty:
-            self.master, slave = os.openpty()
-            os.set_blocking(self.master, False)
-            size = self.a.get("size")
-            if size:
-                _set_winsize(self.master, int(size[0]), int(size[1]))
-            self.outputs[self.master] = p.STDOUT
-            if self.open_stdin:
-                self.stdin_fd = self.master
+        if self.tty:  # runc without a console socket: a host pty as plain stdio
+            master, slave = os.openpty()
+            self.adopt_master(master)
             return Stdio(slave, slave, slave), [slave]
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
