@@ -77,6 +77,22 @@ class LogWriter:
             _pieces(out, pending, _suffix(stream, now_ns), final=True)
             self._emit(out)
 
+    def pending(self) -> dict[str, str]:
+        """Partial lines waiting for their end (bytes as latin-1 text), to hand to a successor."""
+        return {stream: data.decode("latin-1") for stream, data in self._pending.items() if data}
+
+    def adopt(self, pending: dict[str, str]) -> None:
+        """Take over a predecessor's :meth:`pending` partial lines."""
+        for stream, text in pending.items():
+            self._checked(stream)
+            self._pending[stream] = text.encode("latin-1")
+
+    def close_fd(self) -> None:
+        """Close the file without flushing partial lines (see :meth:`pending`)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
     def close(self) -> None:
         for stream in STREAMS:
             self.flush_partial(stream)

@@ -15,8 +15,9 @@ to the agent; one that reads EOF there exits.  Given a container it
    (built-in: the init runs in a forked child of this single-threaded
    process, no fresh interpreter; or runc/crun);
 4. reports ``{"pid": …}`` (or ``{"error": …}``) to the agent;
-5. execs the monitor (:mod:`agent.shim.monitor`) in this same process with
-   the fds it needs, shedding everything the set-up imported.
+5. runs the monitor (:mod:`agent.shim.monitor`) here; once the container has
+   run a while and nothing is in flight, the monitor execs itself in this same
+   process with the fds it needs, shedding everything the set-up imported.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ from agent.runtime import syscalls as sc
 from agent.runtime.executor import BuiltinExecutor, ContainerStartError, RuncExecutor, Stdio
 from agent.shim import protocol as p
 from agent.shim.execs import _set_winsize
-from agent.shim.monitor import HANDOFF, SECCOMP_BPF
+from agent.shim.monitor import HANDOFF, SECCOMP_BPF, Monitor, run_monitor
 
 CONTROL_FD = 3
+#: the monitor runs in this (large) process this long before it execs itself small: a short
+#: container never pays for a fresh interpreter on its way out
+SHED_AFTER = 2.0
 #: overlay options longer than this are given relative to the layers' common directory
 MAX_MOUNT_DATA = 3500
 
@@ -224,15 +228,15 @@ class Launcher:
         except Exception:  # noqa: BLE001 - an exec then compiles the profile itself
             pass
 
-    def become_monitor(self) -> None:
-        """Exec the monitor in this process with the fds it keeps (see the module doc)."""
+    def handoff(self) -> dict[str, Any]:
+        """What the monitor needs (see the module doc): run in this process at first, it execs
+        itself small once the container has been running a while."""
         assert self.listener is not None
-        keep = [self.listener.fileno(), *self.outputs, self.stdin_fd, self.master]
         handoff: dict[str, Any] = {
             **{k: self.a.get(k) for k in ("id", "state_dir", "bundle", "tty", "open_stdin", "stdin_once",
                                           "cgroup_path", "runtime", "runtime_root", "runtime_path",
-                                          "log_path", "log_opts", "hold_output")},
-            "listener": self.listener.fileno(), "outputs": {str(fd): k for fd, k in self.outputs.items()},
+                                          "log_path", "log_opts")},
+            "listener": self.listener.detach(), "outputs": {str(fd): k for fd, k in self.outputs.items()},
             "stdin_fd": self.stdin_fd, "master": self.master, "mounted": self.mounted, "pid": self.pid,
             "status": self.status, "started_at": self.started_at,
         }
@@ -245,22 +249,19 @@ class Launcher:
             handoff["oom_file"] = str(oom) if oom else ""
         except OSError:
             pass
+        handoff["clients"] = []
         if self.control >= 0:
-            handoff["attached"] = {**dict(self.a["attach"]), "fd": self.control}
-            keep.append(self.control)
+            attach = dict(self.a["attach"])
+            handoff["clients"].append({"fd": self.control, "mode": "attach", "stdin": bool(attach.get("stdin")),
+                                       "streams": [s for s, on in ((p.STDOUT, attach.get("stdout", True)),
+                                                                   (p.STDERR, attach.get("stderr", True))) if on]})
         pending = getattr(self.executor, "_pending", {}).get(self.id)
         if pending is not None:
             handoff.update(sync_r=pending.sync_r, start_w=pending.start_w)
-            keep += [pending.sync_r, pending.start_w]
-        for fd in keep:
-            if fd >= 0:
-                os.set_inheritable(fd, True)
+        self.listener = None  # detached: the monitor owns the fd now
+        self.control = -1
         self.save_seccomp()
-        path = os.path.join(self.state_dir, HANDOFF)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(handoff, f)
-        # -c rather than -m: runpy and importlib.util would stay resident for nothing
-        os.execv(sys.executable, [sys.executable, "-S", "-c", "from agent.shim.monitor import main; main()", path])
+        return handoff
 
 
 def _relative_lowerdirs(options: list[str]) -> tuple[str, list[str]]:
@@ -338,7 +339,8 @@ def main() -> None:
         os._exit(1)
     launcher.report({"pid": launcher.pid, "shim_pid": os.getpid(), **launcher.state()})
     try:
-        launcher.become_monitor()
+        monitor = Monitor(launcher.handoff(), shed_after=SHED_AFTER)
     except BaseException as exc:  # noqa: BLE001 - the container is running: say why we cannot watch it
-        print(f"shim {launcher.id}: cannot exec the monitor: {exc!r}", file=sys.stderr, flush=True)
+        print(f"shim {launcher.id}: cannot start the monitor: {exc!r}", file=sys.stderr, flush=True)
         os._exit(1)
+    run_monitor(monitor)

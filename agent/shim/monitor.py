@@ -61,7 +61,12 @@ class Client:
 
 
 class Monitor(ExecMixin):
-    def __init__(self, h: dict[str, Any]) -> None:
+    def __init__(self, h: dict[str, Any], shed_after: float | None = None) -> None:
+        self.handoff_base = {k: h.get(k) for k in (
+            "id", "state_dir", "bundle", "tty", "open_stdin", "stdin_once", "cgroup_path", "runtime",
+            "runtime_root", "runtime_path", "log_path", "log_opts", "mounted", "pid", "status", "started_at",
+            "cgroup_dirs", "oom_file")}
+        self.shed_at = None if shed_after is None else time.monotonic() + shed_after
         self.id: str = h["id"]
         self.state_dir: str = h["state_dir"]
         self.bundle: str = h["bundle"]
@@ -75,6 +80,7 @@ class Monitor(ExecMixin):
         self.runtime_path: str = h.get("runtime_path") or ""
         opts = h.get("log_opts") or {}
         self.log = LogWriter(h["log_path"], int(opts.get("max_size", -1)), int(opts.get("max_file", 1)))
+        self.log.adopt(h.get("log_pending") or {})
         self._executor: Any = None
         self.sel = selectors.DefaultSelector()
         self.listener: socket.socket | None = socket.socket(fileno=int(h["listener"]))
@@ -98,16 +104,14 @@ class Monitor(ExecMixin):
         self.exited_at = 0.0
         self.sessions: dict[int, ExecSession] = {}   # pid -> session
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        attached = h.get("attached")
-        if attached:  # the agent's launch socket, already an attach stream (docker run)
-            sock = socket.socket(fileno=int(attached["fd"]))
+        for c in h.get("clients") or []:  # e.g. the agent's launch socket, an attach stream (docker run)
+            sock = socket.socket(fileno=int(c["fd"]))
             sock.setblocking(False)
             sock.set_inheritable(False)
             client = Client(sock)
-            client.mode = "attach"
-            client.streams = {s for s, on in ((p.STDOUT, attached.get("stdout", True)),
-                                              (p.STDERR, attached.get("stderr", True))) if on}
-            client.stdin = bool(attached.get("stdin")) and self.open_stdin
+            client.mode = str(c["mode"])
+            client.streams = {int(s) for s in c.get("streams") or []}
+            client.stdin = bool(c.get("stdin")) and self.open_stdin
             self.clients[sock.fileno()] = client
         for fd in (*self.outputs, self.stdin_fd, self.master, self.start_w, self.sync_r):
             if fd >= 0:
@@ -140,6 +144,13 @@ class Monitor(ExecMixin):
         self.reap()
         while True:
             timeout: float | None = None
+            if self.shed_at is not None and self.exit_code is None:
+                timeout = self.shed_at - time.monotonic()
+                if timeout <= 0:
+                    if self.quiescent():
+                        self.shed()  # does not return
+                    self.shed_at = time.monotonic() + 1.0
+                    timeout = 1.0
             if self.exit_code is not None:
                 if not self.outputs:
                     break
@@ -393,8 +404,8 @@ class Monitor(ExecMixin):
             return
         if kind == p.STDIN and client.stdin:
             self.write_stdin(payload)
-        elif kind == p.CLOSE_STDIN and client.stdin:
-            self.close_stdin(when_flushed=True)
+        elif kind == p.CLOSE_STDIN and client.stdin and self.stdin_once and not self.tty:
+            self.close_stdin(when_flushed=True)  # docker: an attach's EOF closes stdin only with StdinOnce
         elif kind == p.RESIZE:
             size = json.loads(payload)
             self.resize(int(size["rows"]), int(size["cols"]))
@@ -478,6 +489,36 @@ class Monitor(ExecMixin):
         if error is not None:
             stage = str(error.get("stage") or "exec")
             raise ExecFailed(f"container {self.id}: {stage}: {error['error']}", int(error.get("exit_code") or 125))
+
+    # --- shedding: exec'ing ourselves small --------------------------------------------
+
+    def quiescent(self) -> bool:
+        """Nothing in flight that an exec would lose: no exec session, no buffered bytes."""
+        return (not self.sessions and not self.stdin_buf
+                and all(c.mode in ("attach", "wait") and not c.out and not c.inbuf and not c.frames.buf
+                        and not c.closing for c in self.clients.values()))
+
+    def shed(self) -> None:
+        """Exec a fresh interpreter running this monitor with the same fds (pid, children and
+        subreaper status stay: it is the same process)."""
+        assert self.listener is not None
+        fds = [c.sock.fileno() for c in self.clients.values()]
+        clients = [{"fd": c.sock.fileno(), "mode": c.mode, "stdin": c.stdin, "streams": sorted(c.streams)}
+                   for c in self.clients.values()]
+        handoff = {**self.handoff_base, "listener": self.listener.fileno(), "stdin_fd": self.stdin_fd,
+                   "master": self.master, "outputs": {str(fd): k for fd, k in self.outputs.items()},
+                   "status": self.status, "started_at": self.started_at, "clients": clients,
+                   "log_pending": self.log.pending()}
+        for fd in [self.listener.fileno(), *self.outputs, self.stdin_fd, self.master, *fds]:
+            if fd >= 0:
+                os.set_inheritable(fd, True)
+        self.log.close_fd()
+        path = os.path.join(self.state_dir, HANDOFF)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(handoff, f)
+        signal.set_wakeup_fd(-1)
+        # -c rather than -m: runpy and importlib.util would stay resident for nothing
+        os.execv(sys.executable, [sys.executable, "-S", "-c", "from agent.shim.monitor import main; main()", path])
 
     # --- the end ---------------------------------------------------------------------
 
@@ -604,7 +645,11 @@ def _write_atomic(path: str, data: bytes) -> None:
 def main() -> None:
     with open(sys.argv[1], encoding="utf-8") as f:
         handoff = json.load(f)
-    monitor = Monitor(handoff)
+    run_monitor(Monitor(handoff))
+
+
+def run_monitor(monitor: Monitor) -> None:
+    """Serve until the container is gone, then exit the process."""
     signal.set_wakeup_fd(monitor.wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     try:

@@ -349,3 +349,29 @@ def test_restart_sweeps_what_a_crash_left(fresh_agent: AgentProcess, registry: R
     assert not (agent.exec_root / "containers" / orphan).exists()
     assert (agent.data_root / "containers" / keep).is_dir()
     assert agent.ok("start", "-a", "kept") == ""
+
+
+def _shim_cmdline(agent: AgentProcess, container_id: str) -> str:
+    pid = int((agent.exec_root / "containers" / container_id / "shim.pid").read_text())
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def test_a_long_running_container_gets_a_small_monitor(agent: AgentProcess, image: str, clean: None) -> None:
+    """After a couple of seconds the shim execs itself into the small monitor; everything still works."""
+    cid = agent.ok("run", "-d", "-i", "--name", "steady", image, "sh", "-c",
+                   "while read line; do echo got $line; done").strip()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and "agent.shim.monitor" not in _shim_cmdline(agent, cid):
+        time.sleep(0.1)
+    assert "agent.shim.monitor" in _shim_cmdline(agent, cid)
+    assert agent.ok("exec", "steady", "echo", "exec ok") == "exec ok\n"
+    with _pty(agent, "attach", "steady") as term:
+        term.send(b"ping\r")
+        term.expect(b"got ping")
+        term.send(b"\x04")  # EOF: without StdinOnce the container's stdin stays open (docker's rule)
+        term.send(b"")
+    # leaving (the CLI killed) detaches; the container runs on
+    assert _inspect(agent, "steady")["State"]["Running"]
+    assert "got ping" in agent.ok("logs", "steady")
+    agent.ok("stop", "-t", "1", "steady")
+    assert _inspect(agent, "steady")["State"]["Status"] == "exited"
