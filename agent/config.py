@@ -30,6 +30,13 @@ class DaemonConfig:
     shutdown_timeout: float = 15.0
     #: where containers' cgroups go (cgroupfs path), as dockerd's --cgroup-parent
     cgroup_parent: str = "/skiff"
+    #: mutual TLS on tcp:// listeners, with dockerd's names (--tlsverify --tlscacert --tlscert --tlskey)
+    tlsverify: bool = False
+    tlscacert: Path | None = None
+    tlscert: Path | None = None
+    tlskey: Path | None = None
+    #: serve tcp:// without TLS: anyone who reaches the port is root on this host
+    allow_insecure_tcp: bool = False
 
     def __post_init__(self) -> None:
         if not self.hosts:
@@ -65,12 +72,21 @@ _KEYS = {
     "log-format": "log_format",
     "shutdown-timeout": "shutdown_timeout",
     "cgroup-parent": "cgroup_parent",
+    "tlsverify": "tlsverify",
+    "tlscacert": "tlscacert",
+    "tlscert": "tlscert",
+    "tlskey": "tlskey",
+    "allow-insecure-tcp": "allow_insecure_tcp",
 }
 
 
 def _coerce(name: str, value: Any) -> Any:
     kinds = {f.name: f.type for f in fields(DaemonConfig)}
     kind = str(kinds[name])
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"config {name}: expected true or false, got {value!r}")
+        return value
     if "Path" in kind:
         if not isinstance(value, str) or not value:
             raise InvalidArgument(f"config {name}: expected a path, got {value!r}")
@@ -120,8 +136,34 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> DaemonConfig:
         raise InvalidArgument(f"cgroup-parent must be an absolute cgroup path like /skiff, not {parent!r}")
     config = DaemonConfig(**values)
     for host in config.hosts:
-        if not host.startswith("unix://"):
+        if host.startswith("unix://"):
+            continue
+        if not host.startswith("tcp://") or not _tcp_address(host):
+            raise InvalidArgument(f"unsupported listen address {host!r}: use unix:///path or tcp://HOST:PORT")
+        if config.tlsverify:
+            missing = [flag for flag, value in (("--tlscacert", config.tlscacert), ("--tlscert", config.tlscert),
+                                                ("--tlskey", config.tlskey)) if value is None]
+            if missing:
+                raise InvalidArgument(f"--tlsverify on {host} needs {', '.join(missing)}")
+            for path in (config.tlscacert, config.tlscert, config.tlskey):
+                if path is not None and not path.is_file():
+                    raise InvalidArgument(f"TLS file {path} not found")
+        elif not config.allow_insecure_tcp:
             raise InvalidArgument(
-                f"unsupported listen address {host!r}: only unix:// sockets are served so far"
-                " (tcp:// with mutual TLS comes with the fleet transport)")
+                f"refusing to listen on {host} without mutual TLS: give --tlsverify --tlscacert --tlscert "
+                "--tlskey (see `skiff ca`), or --allow-insecure-tcp, which lets anyone who reaches the port "
+                "run containers as root")
     return config
+
+
+def _tcp_address(host: str) -> str:
+    """``tcp://HOST:PORT`` → ``HOST:PORT`` (``[v6]:PORT`` kept), or "" when malformed."""
+    rest = host.removeprefix("tcp://").rstrip("/")
+    name, sep, port = rest.rpartition(":")
+    if not sep or not name or not port.isdigit() or not 0 < int(port) < 65536:
+        return ""
+    return rest
+
+
+def tcp_address(host: str) -> str:
+    return _tcp_address(host)

@@ -25,12 +25,21 @@ from agent.log import configure
 @click.option("--insecure-registry", "insecure_registries", multiple=True,
               help="Registry (host:port or CIDR) that may be reached over plain HTTP.")
 @click.option("--cgroup-parent", help="Parent cgroup of every container's cgroup [/skiff].")
+@click.option("--tlsverify", is_flag=True, default=None, help="Require a client certificate from --tlscacert on tcp:// "
+              "listeners (mutual TLS).")
+@click.option("--tlscacert", type=click.Path(path_type=Path), help="The fleet CA (skiff ca init).")
+@click.option("--tlscert", type=click.Path(path_type=Path), help="This agent's certificate (skiff ca agent-cert).")
+@click.option("--tlskey", type=click.Path(path_type=Path), help="This agent's private key.")
+@click.option("--allow-insecure-tcp", is_flag=True, default=None,
+              help="Serve tcp:// without TLS. Anyone who reaches the port is root here: never on a network.")
 @click.option("--max-concurrent-downloads", type=int, help="Parallel layer downloads per pull [3].")
 @click.option("-l", "--log-level", type=click.Choice(["debug", "info", "warn", "error"]), help="[info]")
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]), help="[auto]")
 @click.version_option(__version__, "-v", "--version", prog_name="skiffd")
 def cli(config_file: Path, data_root: Path | None, exec_root: Path | None, hosts: tuple[str, ...],
         group: str | None, insecure_registries: tuple[str, ...], cgroup_parent: str | None,
+        tlsverify: bool | None, tlscacert: Path | None, tlscert: Path | None, tlskey: Path | None,
+        allow_insecure_tcp: bool | None,
         max_concurrent_downloads: int | None,
         log_level: str | None, log_format: str | None) -> None:
     """skiffd: the skiff agent, a container runtime served over gRPC."""
@@ -40,6 +49,9 @@ def cli(config_file: Path, data_root: Path | None, exec_root: Path | None, hosts
             "exec_root": str(exec_root) if exec_root else None,
             "hosts": hosts, "group": group, "insecure_registries": insecure_registries,
             "max_concurrent_downloads": max_concurrent_downloads, "cgroup_parent": cgroup_parent,
+            "tlsverify": tlsverify, "tlscacert": str(tlscacert) if tlscacert else None,
+            "tlscert": str(tlscert) if tlscert else None, "tlskey": str(tlskey) if tlskey else None,
+            "allow_insecure_tcp": allow_insecure_tcp,
             "log_level": "warning" if log_level == "warn" else log_level, "log_format": log_format,
         })
         configure(config.log_level, config.log_format)

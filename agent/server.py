@@ -19,7 +19,7 @@ from agent.api.containers import ContainersService
 from agent.api.images import ImagesService, RegistriesService
 from agent.api.interceptor import RpcInterceptor
 from agent.api.system import SystemService
-from agent.config import DaemonConfig
+from agent.config import DaemonConfig, tcp_address
 from agent.daemon import Daemon
 from agent.errors import Conflict, InvalidArgument
 from skiff.v1 import containers_pb2_grpc, images_pb2_grpc, system_pb2_grpc
@@ -58,6 +58,30 @@ def _secure_socket(path: Path, group: str) -> None:
     os.chmod(path, 0o660)
 
 
+def _listen_tcp(server: aio.Server, config: DaemonConfig, host: str) -> None:
+    """A tcp:// listener: mutual TLS with the fleet CA, or (loudly) none."""
+    import grpc
+
+    address = tcp_address(host)
+    if config.tlsverify:
+        assert config.tlscacert and config.tlscert and config.tlskey
+        credentials = grpc.ssl_server_credentials(
+            [(config.tlskey.read_bytes(), config.tlscert.read_bytes())],
+            root_certificates=config.tlscacert.read_bytes(), require_client_auth=True)
+        try:
+            port = server.add_secure_port(address, credentials)
+        except RuntimeError:
+            port = 0
+    else:
+        log.warning("listening on TCP WITHOUT TLS: anyone who reaches this port is root here", host=host)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+    if port == 0:
+        raise Conflict(f"cannot listen on {host} (address in use or not available)")
+
+
 async def serve(config: DaemonConfig, ready: asyncio.Event | None = None) -> None:
     daemon = Daemon(config)
     recovered = daemon.recover()
@@ -78,6 +102,9 @@ async def serve(config: DaemonConfig, ready: asyncio.Event | None = None) -> Non
     sockets: list[Path] = []
     try:
         for host in config.hosts:
+            if host.startswith("tcp://"):
+                _listen_tcp(server, config, host)
+                continue
             path = Path(host.removeprefix("unix://"))
             _prepare_socket(path)
             server.add_insecure_port(f"unix:{path}")

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from controller.client import Agent, connect
+from controller.client import Agent, TLSFiles, connect
 from controller.errors import UsageError
 
 T = TypeVar("T")
@@ -19,6 +19,7 @@ T = TypeVar("T")
 @dataclass
 class Context:
     hosts: list[str]
+    tls: TLSFiles | None = None
 
     @property
     def host(self) -> str:
@@ -32,7 +33,7 @@ pass_ctx = click.make_pass_decorator(Context)
 
 def run(ctx: Context, fn: Callable[[Agent], Awaitable[T]]) -> T:
     async def go() -> T:
-        async with connect(ctx.host) as agent:
+        async with connect(ctx.host, ctx.tls) as agent:
             return await fn(agent)
 
     return asyncio.run(go())

@@ -73,15 +73,21 @@ class DockerGroup(click.Group):
 @click.group(cls=DockerGroup, lazy=TOP_LEVEL,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-H", "--host", "hosts", multiple=True, metavar="URL",
-              help="Agent to talk to (unix:///path); default $SKIFF_HOST or unix:///run/skiff/skiffd.sock.")
+              help="Agent to talk to (unix:///path, tcp://HOST:PORT with mutual TLS); default $SKIFF_HOST "
+                   "or unix:///run/skiff/skiffd.sock.")
+@click.option("--tlscacert", metavar="PATH", help="Trust certs signed only by this CA [$SKIFF_CERT_PATH/ca.pem].")
+@click.option("--tlscert", metavar="PATH", help="Client certificate for tcp:// hosts [$SKIFF_CERT_PATH/cert.pem].")
+@click.option("--tlskey", metavar="PATH", help="Client key for tcp:// hosts [$SKIFF_CERT_PATH/key.pem].")
+@click.option("--tlsverify", is_flag=True, help="Verify the agent (always on for tcp:// hosts).")
 @click.version_option(__version__, "-v", "--version", prog_name="skiff")
 @click.pass_context
-def cli(ctx: click.Context, hosts: tuple[str, ...]) -> None:
+def cli(ctx: click.Context, hosts: tuple[str, ...], tlscacert: str | None, tlscert: str | None,
+        tlskey: str | None, tlsverify: bool) -> None:
     """skiff: Docker for a fleet. Commands mirror docker's."""
     from controller.cli import Context
-    from controller.client import default_host
+    from controller.client import TLSFiles, default_host
 
-    ctx.obj = Context(hosts=list(hosts) or [default_host()])
+    ctx.obj = Context(hosts=list(hosts) or [default_host()], tls=TLSFiles.default(tlscacert, tlscert, tlskey))
 
 
 @cli.group("container", cls=DockerGroup, lazy=CONTAINER)

@@ -11,6 +11,7 @@ import grpc
 import structlog
 from grpc import aio
 
+from agent.api import authz
 from agent.api.status import code_for
 from agent.errors import SkiffError
 
@@ -59,6 +60,7 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
     async def handler(request: Any, context: aio.ServicerContext) -> Any:
         outcome = _Outcome(method)
         try:
+            authz.check(method, context)
             response = await behavior(request, context)
         except Exception as exc:
             if _is_abort(exc):
@@ -76,6 +78,7 @@ def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Ca
     async def handler(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         outcome = _Outcome(method)
         try:
+            authz.check(method, context)
             async for item in behavior(request, context):
                 yield item
         except Exception as exc:
