@@ -75,7 +75,8 @@ def test_bad_flags_and_config(tmp_path: Path) -> None:
     for args, message in (
         (["--config-file", str(bad)], "expected a path"),
         (["--config-file", str(tmp_path / "missing.toml")], "not found"),
-        (["-H", "tcp://0.0.0.0:1"], "unsupported listen address"),
+        (["-H", "tcp://0.0.0.0:1"], "without mutual TLS"),
+        (["-H", "http://0.0.0.0:1"], "unsupported listen address"),
     ):
         res = subprocess.run([str(BIN / "skiffd"), "--data-root", str(tmp_path / "d"),
                               "--exec-root", str(tmp_path / "r"), *args], capture_output=True, text=True, timeout=30)
