@@ -110,6 +110,9 @@ def translate(host: str, exc: grpc.RpcError) -> Exception:
         reason = (details or "").rsplit(":", 1)[-1].strip() or "handshake failed"
         return ConnectionFailed(f"TLS with the skiff agent at {host} failed ({reason}): check the CA, the "
                                 "client certificate and its expiry")
+    if code == grpc.StatusCode.UNAVAILABLE and host.startswith("tcp://") and "socket closed" in lowered:
+        return ConnectionFailed(f"the skiff agent at {host} closed the connection during the TLS handshake: "
+                                "it refused the client certificate (not from its CA, or expired?)")
     if code == grpc.StatusCode.UNAVAILABLE and ("connect" in (details or "").lower()
                                                  or "socket" in (details or "").lower()):
         return ConnectionFailed(f"cannot connect to the skiff agent at {host}: is skiffd running? ({details})")

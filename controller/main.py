@@ -24,7 +24,7 @@ TOP_LEVEL: dict[str, str] = {
     "attach": "run:attach", "exec": "run:exec_", "pull": "images:pull", "images": "images:images",
     "inspect": "images:inspect", "history": "images:history", "tag": "images:tag", "rmi": "images:rmi",
     "save": "images:save", "load": "images:load", "login": "images:login", "logout": "images:logout",
-    "version": "system:version", "info": "system:info",
+    "version": "system:version", "info": "system:info", "ca": "ca:ca",
 }
 CONTAINER: dict[str, str] = {
     "run": "run:run", "create": "run:create", "start": "run:start", "stop": "containers:stop",
