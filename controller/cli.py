@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import click
 
 from controller.client import Agent, TLSFiles, connect
 from controller.errors import UsageError
+from controller.fanout import HostResult, Limits
 
 T = TypeVar("T")
 
@@ -20,12 +21,17 @@ T = TypeVar("T")
 class Context:
     hosts: list[str]
     tls: TLSFiles | None = None
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def host(self) -> str:
         if len(self.hosts) != 1:
-            raise UsageError("this command takes one host; fan-out across several -H arrives with the fleet")
+            raise UsageError("this command takes one host for now; ps and images fan out across several -H")
         return self.hosts[0]
+
+    @property
+    def many(self) -> bool:
+        return len(self.hosts) > 1
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -37,6 +43,24 @@ def run(ctx: Context, fn: Callable[[Agent], Awaitable[T]]) -> T:
             return await fn(agent)
 
     return asyncio.run(go())
+
+
+def run_many(ctx: Context, fn: Callable[[Agent], Awaitable[T]]) -> list[HostResult]:
+    """``fn`` on every ``-H`` host at once (see :mod:`controller.fanout`)."""
+    from controller.fanout import fan_out
+
+    return asyncio.run(fan_out(ctx.hosts, fn, tls=ctx.tls, limits=ctx.limits))
+
+
+def finish_many(results: Sequence[HostResult]) -> None:
+    """The per-host report and summary on stderr, then exit with the fan-out's code."""
+    import sys
+
+    from controller.fanout import exit_code, report
+
+    report(results)
+    sys.stdout.flush()
+    sys.exit(exit_code(results))
 
 
 def print_json_docs(docs: Sequence[Any]) -> None:

@@ -79,15 +79,27 @@ class DockerGroup(click.Group):
 @click.option("--tlscert", metavar="PATH", help="Client certificate for tcp:// hosts [$SKIFF_CERT_PATH/cert.pem].")
 @click.option("--tlskey", metavar="PATH", help="Client key for tcp:// hosts [$SKIFF_CERT_PATH/key.pem].")
 @click.option("--tlsverify", is_flag=True, help="Verify the agent (always on for tcp:// hosts).")
+@click.option("--forks", type=click.IntRange(1, 10000), default=50, show_default=True,
+              help="Hosts talked to at once when several -H are given.")
+@click.option("--connect-timeout", type=click.FloatRange(0.1), default=5.0, show_default=True,
+              help="Seconds to reach each host before it counts as UNREACHABLE.")
+@click.option("--timeout", type=click.FloatRange(0.1), default=60.0, show_default=True,
+              help="Seconds for each host's answer before it counts as TIMEOUT.")
 @click.version_option(__version__, "-v", "--version", prog_name="skiff")
 @click.pass_context
 def cli(ctx: click.Context, hosts: tuple[str, ...], tlscacert: str | None, tlscert: str | None,
-        tlskey: str | None, tlsverify: bool) -> None:
-    """skiff: Docker for a fleet. Commands mirror docker's."""
+        tlskey: str | None, tlsverify: bool, forks: int, connect_timeout: float, timeout: float) -> None:
+    """skiff: Docker for a fleet. Commands mirror docker's.
+
+    Several -H run ps and images on every host at once (a HOST column, a summary on stderr); the
+    exit code is 0 when every host is OK, else the OR of 2 (FAILED), 4 (UNREACHABLE), 8 (TIMEOUT).
+    """
     from controller.cli import Context
     from controller.client import TLSFiles, default_host
+    from controller.fanout import Limits
 
-    ctx.obj = Context(hosts=list(hosts) or [default_host()], tls=TLSFiles.default(tlscacert, tlscert, tlskey))
+    ctx.obj = Context(hosts=list(hosts) or [default_host()], tls=TLSFiles.default(tlscacert, tlscert, tlskey),
+                      limits=Limits(forks, connect_timeout, timeout))
 
 
 @cli.group("container", cls=DockerGroup, lazy=CONTAINER)

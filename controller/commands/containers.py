@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from controller.cli import Context, pass_ctx, print_table, run
+from controller.cli import Context, finish_many, pass_ctx, print_table, run, run_many
 from controller.client import Agent
 from controller.commands.images import confirm, rpc_details
 from controller.errors import AgentError, CancelledError, UsageError
@@ -74,21 +74,30 @@ def ps(ctx: Context, all_: bool, filters: tuple[str, ...], fmt: str | None, last
         last = 1
     request = pb.ListContainersRequest(all=all_ or last > 0, filters=list(filters), size=size,
                                        last=max(last, 0))
-    resp = run(ctx, lambda agent: agent.containers.List(request, timeout=30))
-    rows = container_rows(list(resp.containers), no_trunc)
+    results = None
+    if ctx.many:
+        results = run_many(ctx, lambda agent: agent.containers.List(request, timeout=ctx.limits.timeout))
+        rows = [{**row, "Host": r.host} for r in results if r.status == "OK"
+                for row in container_rows(list(r.value.containers), no_trunc)]
+    else:
+        resp = run(ctx, lambda agent: agent.containers.List(request, timeout=30))
+        rows = container_rows(list(resp.containers), no_trunc)
     if quiet:
         for row in rows:
-            click.echo(row["ID"])
-        return
-    if fmt == "json":
+            click.echo(f"{row['Host']}\t{row['ID']}" if results is not None else row["ID"])
+    elif fmt == "json":
         for row in rows:
             click.echo(json.dumps({k: v for k, v in row.items() if k != "LabelsMap"}, separators=(",", ":")))
-        return
-    default = "table {{.ID}}\t{{.Image}}\t{{.Command}}\t{{.RunningFor}}\t{{.Status}}\t{{.Ports}}\t{{.Names}}"
-    if size:
-        default += "\t{{.Size}}"
-    print_table(rows, default, fmt if fmt != "table" else None,
-                {"ID": "CONTAINER ID", "RunningFor": "CREATED", "CreatedAt": "CREATED AT"})
+    else:
+        default = "table {{.ID}}\t{{.Image}}\t{{.Command}}\t{{.RunningFor}}\t{{.Status}}\t{{.Ports}}\t{{.Names}}"
+        if size:
+            default += "\t{{.Size}}"
+        if results is not None:
+            default = default.replace("table ", "table {{.Host}}\t", 1)
+        print_table(rows, default, fmt if fmt != "table" else None,
+                    {"ID": "CONTAINER ID", "RunningFor": "CREATED", "CreatedAt": "CREATED AT"})
+    if results is not None:
+        finish_many(results)
 
 
 def _each(ctx: Context, names: tuple[str, ...], call: Any, echo: bool = True) -> None:

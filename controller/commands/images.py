@@ -12,7 +12,8 @@ from typing import Any, TextIO
 
 import click
 
-from controller.cli import Context, pass_ctx, print_json_docs, print_table, print_template_docs, run
+from controller.cli import (Context, finish_many, pass_ctx, print_json_docs, print_table, print_template_docs, run,
+                            run_many)
 from controller.client import Agent
 from controller.errors import CancelledError, UsageError
 from controller.render import PullRenderer, ago, human_size
@@ -98,24 +99,33 @@ def images(ctx: Context, repository: str | None, all_: bool, digests: bool, filt
     async def go(agent: Agent) -> images_pb2.ListImagesResponse:
         return await agent.images.List(images_pb2.ListImagesRequest(all=all_, filters=flt), timeout=30)
 
-    resp = run(ctx, go)
-    rows = _image_rows(list(resp.images), digests, no_trunc)
+    results = None
+    if ctx.many:
+        results = run_many(ctx, go)
+        rows = [{**row, "Host": r.host} for r in results if r.status == "OK"
+                for row in _image_rows(list(r.value.images), digests, no_trunc)]
+    else:
+        rows = _image_rows(list(run(ctx, go).images), digests, no_trunc)
     if quiet:
         seen: list[str] = []
         for row in rows:
-            if row["ID"] not in seen:
-                seen.append(row["ID"])
+            key = f"{row['Host']}\t{row['ID']}" if results is not None else row["ID"]
+            if key not in seen:
+                seen.append(key)
         for image_id in seen:
             click.echo(image_id)
-        return
-    if fmt == "json":
+    elif fmt == "json":
         for row in rows:
             click.echo(json.dumps(row, separators=(",", ":")))
-        return
-    default = ("table {{.Repository}}\t{{.Tag}}\t{{.Digest}}\t{{.ID}}\t{{.CreatedSince}}\t{{.Size}}" if digests
-               else "table {{.Repository}}\t{{.Tag}}\t{{.ID}}\t{{.CreatedSince}}\t{{.Size}}")
-    print_table(rows, default, fmt if fmt != "table" else None,
-                {"ID": "IMAGE ID", "CreatedSince": "CREATED", "CreatedAt": "CREATED AT"})
+    else:
+        default = ("table {{.Repository}}\t{{.Tag}}\t{{.Digest}}\t{{.ID}}\t{{.CreatedSince}}\t{{.Size}}" if digests
+                   else "table {{.Repository}}\t{{.Tag}}\t{{.ID}}\t{{.CreatedSince}}\t{{.Size}}")
+        if results is not None:
+            default = default.replace("table ", "table {{.Host}}\t", 1)
+        print_table(rows, default, fmt if fmt != "table" else None,
+                    {"ID": "IMAGE ID", "CreatedSince": "CREATED", "CreatedAt": "CREATED AT"})
+    if results is not None:
+        finish_many(results)
 
 
 def _inspect_command(default_kind: str, doc: str) -> Any:

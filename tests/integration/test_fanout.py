@@ -1,0 +1,81 @@
+"""Fan-out across several real agents: merged tables, and dead or hung hosts that never stall the rest."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.agent import AgentProcess, Result
+from tests.support.registry import Registry
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def agents(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterator[list[AgentProcess]]:
+    started: list[AgentProcess] = []
+    try:
+        for n in range(3):
+            agent = AgentProcess(tmp_path_factory.mktemp(f"fleet{n}")).start()
+            started.append(agent)
+            agent.ok("pull", "-q", f"{registry.host}/busybox:1")
+            agent.ok("create", "--name", f"box{n}", f"{registry.host}/busybox:1", "true")
+        yield started
+    finally:
+        for agent in started:
+            agent.stop()
+
+
+def skiff(*args: str, timeout: float = 60) -> Result:
+    proc = subprocess.run([str(BIN / "skiff"), *args], capture_output=True, timeout=timeout,
+                          env={k: v for k, v in os.environ.items() if k != "SKIFF_HOST"})
+    return Result(proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace"))
+
+
+def _hosts(agents: list[AgentProcess]) -> list[str]:
+    return [arg for a in agents for arg in ("-H", a.host)]
+
+
+def test_tables_merge_with_a_host_column(agents: list[AgentProcess]) -> None:
+    result = skiff(*_hosts(agents), "ps", "-a")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[0].split()[:3] == ["HOST", "CONTAINER", "ID"]
+    for n, agent in enumerate(agents):
+        assert any(line.startswith(agent.host) and f"box{n}" in line for line in lines[1:]), result.out
+    assert "3 OK" in result.err
+    images = skiff(*_hosts(agents), "images", "--format", "{{.Host}} {{.Tag}}")
+    assert sorted(images.out.split("\n")[:-1]) == sorted(f"{a.host} 1" for a in agents)
+
+
+def test_a_dead_host_is_unreachable_and_the_others_answer(agents: list[AgentProcess], tmp_path: Path) -> None:
+    dead = f"unix://{tmp_path / 'nobody.sock'}"
+    started = time.monotonic()
+    result = skiff(*_hosts(agents), "-H", dead, "--connect-timeout", "1", "ps", "-a")
+    assert time.monotonic() - started < 30
+    assert result.code == 4, result.err
+    assert f"{dead}: UNREACHABLE" in result.err and "3 OK" in result.err and "1 UNREACHABLE" in result.err
+    assert sum("box" in line for line in result.out.splitlines()) == 3
+
+
+def test_a_frozen_agent_times_out_within_the_limit(agents: list[AgentProcess]) -> None:
+    frozen = agents[0]
+    assert frozen.proc is not None
+    os.kill(frozen.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        result = skiff(*_hosts(agents), "--timeout", "2", "--connect-timeout", "2", "ps", "-a")
+        assert time.monotonic() - started < 30
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+    assert result.code in (4, 8), result.err
+    assert frozen.host in result.err and ("TIMEOUT" in result.err or "UNREACHABLE" in result.err)
+    assert "2 OK" in result.err
+    assert sum("box" in line for line in result.out.splitlines()) == 2
