@@ -115,11 +115,41 @@ def _each(ctx: Context, names: tuple[str, ...], call: Any, echo: bool = True) ->
                 errors.append(rpc_details(exc))
         return errors
 
+    if ctx.many:
+        _each_on_many(ctx, names, call, echo)
+        return
     errors = run(ctx, go)
     for error in errors[:-1]:
         click.echo(f"Error response from agent: {error}", err=True)
     if errors:
         raise AgentError(errors[-1])
+
+
+def _each_on_many(ctx: Context, names: tuple[str, ...], call: Any, echo: bool) -> None:
+    """``_each`` on every -H host: output lines prefixed with the host; a host where any
+    container failed ends FAILED with its errors."""
+
+    async def go(agent: Agent) -> tuple[list[str], list[str]]:
+        out, errors = [], []
+        for name in names:
+            try:
+                result = await call(agent, name)
+                out.append(result if isinstance(result, str) else name)
+            except Exception as exc:  # the others still run, as docker does
+                errors.append(rpc_details(exc))
+        return out, errors
+
+    results = run_many(ctx, go)
+    for r in results:
+        if r.status != "OK":
+            continue
+        out, errors = r.value
+        if echo:
+            for line in out:
+                click.echo(f"{r.host}\t{line}")
+        if errors:
+            r.status, r.error = "FAILED", "; ".join(errors)
+    finish_many(results)
 
 
 @click.command("stop")

@@ -47,6 +47,12 @@ def pull(ctx: Context, name: str, all_tags: bool, platform: str, quiet: bool) ->
     """Download an image from a registry."""
     if all_tags:
         raise UsageError("--all-tags is not supported yet")
+    if ctx.many:  # one line per host as each finishes, then the summary
+        results = run_many(ctx, lambda agent: pull_image(agent, name, platform, quiet=True))
+        for r in results:
+            if r.status == "OK":
+                click.echo(f"{r.host}\t{r.value}")
+        finish_many(results)
     click.echo(run(ctx, lambda agent: pull_image(agent, name, platform, quiet)))
 
 

@@ -175,12 +175,14 @@ def build_config(image: str, command: tuple[str, ...], o: dict[str, Any]) -> pb.
     return config
 
 
-async def create_container(agent: Agent, config: pb.ContainerConfig, platform: str, pull_policy: str) -> str:
-    """docker's create: pull when the image is missing (or always), then create."""
+async def create_container(agent: Agent, config: pb.ContainerConfig, platform: str, pull_policy: str,
+                           quiet: bool = False) -> str:
+    """docker's create: pull when the image is missing (or always), then create.  ``quiet``: no
+    pull progress (many hosts at once)."""
     from controller.commands.images import pull_image
 
     if pull_policy == "always":
-        await pull_image(agent, config.image, platform, quiet=False, out=sys.stderr)
+        await pull_image(agent, config.image, platform, quiet=quiet, out=sys.stderr)
     try:
         resp = await agent.containers.Create(pb.CreateContainerRequest(config=config, platform=platform),
                                              timeout=60)
@@ -188,8 +190,9 @@ async def create_container(agent: Agent, config: pb.ContainerConfig, platform: s
         details = exc.details() if hasattr(exc, "details") else ""
         if pull_policy == "never" or not str(details).startswith("No such image"):
             raise
-        click.echo(f"Unable to find image '{config.image}' locally", err=True)
-        await pull_image(agent, config.image, platform, quiet=False, out=sys.stderr)
+        if not quiet:
+            click.echo(f"Unable to find image '{config.image}' locally", err=True)
+        await pull_image(agent, config.image, platform, quiet=quiet, out=sys.stderr)
         resp = await agent.containers.Create(pb.CreateContainerRequest(config=config, platform=platform),
                                              timeout=60)
     for warning in resp.warnings:
@@ -358,7 +361,27 @@ def run(ctx: Context, image: str, command: tuple[str, ...], detach: bool, detach
         return await attach_stream(agent, first, stdin=o["interactive"], tty=o["tty"], detach_keys=detach_keys,
                                    proxy_signals=sig_proxy)
 
+    if ctx.many:
+        if not detach:
+            raise UsageError("run on several hosts needs -d (attach to one host at a time)")
+        _run_detached_on_many(ctx, config, o)
     sys.exit(_run_125(ctx, go))
+
+
+def _run_detached_on_many(ctx: Context, config: pb.ContainerConfig, o: dict[str, Any]) -> None:
+    """``run -d`` on every -H host: pulls where missing, then one ``HOST<TAB>ID`` line per host."""
+    from controller.cli import finish_many, run_many
+
+    async def go(agent: Agent) -> str:
+        container_id = await create_container(agent, config, o["platform"], o["pull_policy"], quiet=True)
+        await agent.containers.Start(pb.StartContainerRequest(container=container_id), timeout=60)
+        return container_id
+
+    results = run_many(ctx, go)
+    for r in results:
+        if r.status == "OK":
+            click.echo(f"{r.host}\t{r.value}")
+    finish_many(results)
 
 
 @click.command("start")

@@ -79,3 +79,25 @@ def test_a_frozen_agent_times_out_within_the_limit(agents: list[AgentProcess]) -
     assert frozen.host in result.err and ("TIMEOUT" in result.err or "UNREACHABLE" in result.err)
     assert "2 OK" in result.err
     assert sum("box" in line for line in result.out.splitlines()) == 2
+
+
+def test_pull_run_stop_rm_across_hosts(agents: list[AgentProcess], registry: Registry, tmp_path: Path) -> None:
+    ref = f"{registry.host}/busybox:1"
+    pulled = skiff(*_hosts(agents), "pull", ref)
+    assert pulled.code == 0, pulled.err
+    assert sorted(line.split("\t")[0] for line in pulled.out.splitlines()) == sorted(a.host for a in agents)
+    ran = skiff(*_hosts(agents), "run", "-d", "--name", "everywhere", ref, "sleep", "1000")
+    assert ran.code == 0, ran.err
+    assert len(ran.out.splitlines()) == 3 and all(len(line.split("\t")[1]) == 64 for line in ran.out.splitlines())
+    running = skiff(*_hosts(agents), "ps", "--filter", "name=everywhere", "-q")
+    assert len(running.out.splitlines()) == 3
+    attached = skiff(*_hosts(agents), "run", ref, "true")
+    assert attached.code == 125 and "needs -d" in attached.err
+    dead = f"unix://{tmp_path / 'gone.sock'}"
+    stopped = skiff(*_hosts(agents), "-H", dead, "--connect-timeout", "1", "stop", "-t", "0", "everywhere")
+    assert stopped.code == 4, stopped.err
+    assert sorted(line.split("\t")[0] for line in stopped.out.splitlines()) == sorted(a.host for a in agents)
+    removed = skiff(*_hosts(agents), "rm", "everywhere")
+    assert removed.code == 0, removed.err
+    again = skiff(*_hosts(agents), "rm", "everywhere")
+    assert again.code == 2 and "No such container" in again.err
