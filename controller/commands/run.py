@@ -394,6 +394,11 @@ def start(ctx: Context, containers: tuple[str, ...], attach: bool, interactive: 
     """Start one or more stopped containers."""
     if (attach or interactive) and len(containers) > 1:
         raise UsageError("you cannot start and attach multiple containers at once")
+    if ctx.many and not (attach or interactive):
+        from controller.commands.containers import _each_on_many
+
+        _each_on_many(ctx, containers, lambda agent, name: agent.containers.Start(
+            pb.StartContainerRequest(container=name), timeout=60), echo=True)
 
     async def go(agent: Agent) -> int:
         if attach or interactive:

@@ -97,6 +97,9 @@ def test_pull_run_stop_rm_across_hosts(agents: list[AgentProcess], registry: Reg
     stopped = skiff(*_hosts(agents), "-H", dead, "--connect-timeout", "1", "stop", "-t", "0", "everywhere")
     assert stopped.code == 4, stopped.err
     assert sorted(line.split("\t")[0] for line in stopped.out.splitlines()) == sorted(a.host for a in agents)
+    restarted = skiff(*_hosts(agents), "start", "everywhere")
+    assert restarted.code == 0 and len(restarted.out.splitlines()) == 3, restarted.err
+    assert skiff(*_hosts(agents), "stop", "-t", "0", "everywhere").code == 0
     removed = skiff(*_hosts(agents), "rm", "everywhere")
     assert removed.code == 0, removed.err
     again = skiff(*_hosts(agents), "rm", "everywhere")
