@@ -41,7 +41,8 @@ class HostResult:
 class Limits:
     forks: int = 50
     connect_timeout: float = 5.0
-    timeout: float = 60.0
+    #: None: no limit (streams that end with the container, such as logs -f)
+    timeout: float | None = 60.0
 
 
 async def _one(host: str, fn: Callable[[Agent], Awaitable[Any]], tls: TLSFiles | None, limits: Limits,
@@ -56,7 +57,7 @@ async def _one(host: str, fn: Callable[[Agent], Awaitable[Any]], tls: TLSFiles |
                 try:
                     return HostResult(host, OK, await asyncio.wait_for(fn(agent), limits.timeout))
                 except TimeoutError:
-                    return HostResult(host, TIMEOUT, error=f"no answer within {limits.timeout:g}s")
+                    return HostResult(host, TIMEOUT, error=f"no answer within {limits.timeout or 0:g}s")
         except ConnectionFailed as exc:
             return HostResult(host, UNREACHABLE, error=str(exc))
         except AgentError as exc:

@@ -285,7 +285,53 @@ def logs(ctx: Context, container: str, follow: bool, since: str, until: str, tai
             out.flush()
             err.flush()
 
+    if ctx.many:
+        _logs_on_many(ctx, request, timestamps)
     run(ctx, go)
+
+
+#: one colour per host, as compose gives one per service
+_COLOURS = (36, 33, 32, 35, 34, 31, 96, 93, 92, 95, 94, 91)
+
+
+def _logs_on_many(ctx: Context, request: pb.LogsRequest, timestamps: bool) -> None:
+    """Every host's lines as they come, each prefixed with its host (coloured on a terminal); with
+    -f it ends when every host's container has ended; a host that drops is reported, not fatal."""
+    from dataclasses import replace
+
+    width = max(len(h) for h in ctx.hosts)
+    colour = sys.stdout.isatty()
+    out = sys.stdout.buffer
+    err = sys.stderr.buffer
+
+    def prefix(host: str) -> bytes:
+        text = f"{host:<{width}} | "
+        if colour:
+            text = f"\x1b[{_COLOURS[ctx.hosts.index(host) % len(_COLOURS)]}m{text}\x1b[0m"
+        return text.encode()
+
+    async def go(agent: Agent) -> int:
+        head = prefix(agent.host)
+        partial = {pb.LogEntry.STDOUT: b"", pb.LogEntry.STDERR: b""}
+        lines = 0
+        async for batch in agent.containers.Logs(request):
+            for entry in batch.entries:
+                target = err if entry.stream == pb.LogEntry.STDERR else out
+                *complete, partial[entry.stream] = (partial[entry.stream] + entry.data).split(b"\n")
+                stamp = _timestamp(entry.time_ns).encode() + b" " if timestamps else b""
+                for line in complete:
+                    target.write(head + stamp + line + b"\n")
+                    lines += 1
+            out.flush()
+            err.flush()
+        for kind, rest in partial.items():
+            if rest:
+                (err if kind == pb.LogEntry.STDERR else out).write(head + rest + b"\n")
+        return lines
+
+    # following streams last as long as the containers: no call timeout, every host at once
+    limits = replace(ctx.limits, timeout=None, forks=len(ctx.hosts)) if request.follow else ctx.limits
+    finish_many(run_many(replace(ctx, limits=limits), go))
 
 
 def _timestamp(ns: int) -> str:

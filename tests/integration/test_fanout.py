@@ -104,3 +104,22 @@ def test_pull_run_stop_rm_across_hosts(agents: list[AgentProcess], registry: Reg
     assert removed.code == 0, removed.err
     again = skiff(*_hosts(agents), "rm", "everywhere")
     assert again.code == 2 and "No such container" in again.err
+
+
+def test_logs_from_every_host_prefixed(agents: list[AgentProcess], registry: Registry) -> None:
+    ref = f"{registry.host}/busybox:1"
+    ran = skiff(*_hosts(agents), "run", "-d", "--name", "talker", ref, "sh", "-c",
+                "for i in 1 2 3; do echo line $i; sleep 0.2; done; echo oops >&2")
+    assert ran.code == 0, ran.err
+    followed = skiff(*_hosts(agents), "logs", "-f", "talker")  # ends when every container has
+    assert followed.code == 0, followed.err
+    for agent in agents:
+        mine = [line for line in followed.out.splitlines() if line.startswith(agent.host)]
+        assert [line.split("| ", 1)[1] for line in mine] == ["line 1", "line 2", "line 3"]
+        assert any(line.startswith(agent.host) and line.endswith("| oops") for line in followed.err.splitlines())
+    stamped = skiff(*_hosts(agents), "logs", "-t", "--tail", "1", "talker")
+    assert len(stamped.out.splitlines()) == 0 and len(stamped.err.splitlines()) >= 3
+    import re
+
+    assert len(re.findall(r"\| \d{4}-\d\d-\d\dT[\d:.]+Z oops", stamped.err)) == 3
+    assert skiff(*_hosts(agents), "rm", "-f", "talker").code == 0
