@@ -196,12 +196,12 @@ class ContainerManager:
             if record.running:
                 stream = await ShimStream.open(self.state_dir(record.id), attach) if attach else None
                 return record, stream
-            sock = await self._launch(record, start=True, size=size, attach=attach)
+            sock = await self._launch(record, size=size, attach=attach)
             if sock is None:
                 return record, None
             return record, await ShimStream.adopt(sock, dict(record.state))
 
-    async def _launch(self, record: ContainerRecord, *, start: bool, size: tuple[int, int] | None,
+    async def _launch(self, record: ContainerRecord, *, size: tuple[int, int] | None,
                       attach: dict[str, Any] | None = None) -> socket.socket | None:
         bundle = self.bundle_dir(record.id)
         state_dir = self.state_dir(record.id)
@@ -219,7 +219,7 @@ class ContainerManager:
                               for m in self.snapshots.mounts(key)],
             "log_path": str(self.log_path(record.id)), "log_opts": config.get("log_opts") or {},
             "tty": bool(config.get("tty")), "open_stdin": bool(config.get("open_stdin")),
-            "stdin_once": bool(config.get("stdin_once")), "start": start,
+            "stdin_once": bool(config.get("stdin_once")),
             "cgroup_path": self.cgroup_path(record.id), "size": list(size) if size else None,
             "attach": attach,
         }
@@ -229,11 +229,7 @@ class ContainerManager:
         except BaseException as exc:
             await self._start_failed(record, exc)
             raise
-        if start:
-            self._mark_running(record, report)
-        else:
-            record.state.update(pid=int(report["pid"]))
-            self._monitors[record.id] = asyncio.create_task(self._monitor(record.id))
+        self._mark_running(record, report)
         return sock
 
     def _mark_running(self, record: ContainerRecord, report: dict[str, Any]) -> None:

@@ -573,6 +573,26 @@ class Container:
         for cap in _cap_numbers(caps.get("ambient", [])):
             self.sys.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_RAISE, cap)
 
+    def enter_process(self) -> tuple[str, list[str], list[str]]:
+        """The steps from here to exec, shared by a container's init and exec: rlimits, the
+        working directory, fds, seccomp (before the credentials unless no_new_privs), the
+        credentials; the command to exec."""
+        self.rlimits()
+        self.chdir()
+        self.close_fds()
+        if not self.no_new_privileges:
+            self.seccomp_apply()
+        self.credentials()
+        return self.resolve_command()
+
+    def exec_process(self, path: str, args: list[str], env: list[str]) -> NoReturn:
+        """Default signals, seccomp under no_new_privs (as late as possible), then execve."""
+        self.reset_signals()
+        if self.no_new_privileges:
+            self.seccomp_apply()
+        self.stage = "exec"
+        os.execve(path, args, env_mapping(env))
+
     def resolve_command(self) -> tuple[str, list[str], list[str]]:
         process = self.spec.get("process", {})
         args = list(process.get("args", []))
@@ -665,13 +685,7 @@ def child(spec: Mapping[str, Any], bundle: str, sync_fd: int, start_fd: int | No
             if console_fd is not None:
                 c.console(console_fd)
             c.controlling_terminal()
-        c.rlimits()
-        c.chdir()
-        c.close_fds()
-        if not c.no_new_privileges:
-            c.seccomp_apply()
-        c.credentials()
-        path, args, env = c.resolve_command()
+        path, args, env = c.enter_process()
     except BaseException as exc:  # noqa: BLE001 - everything is reported, then we exit
         fail(sync_fd, c.stage, exc)
     try:
@@ -680,11 +694,7 @@ def child(spec: Mapping[str, Any], bundle: str, sync_fd: int, start_fd: int | No
             c.stage = "start"
             os.read(start_fd, 1)  # a byte, or EOF: start
             os.close(start_fd)
-        c.reset_signals()
-        if c.no_new_privileges:
-            c.seccomp_apply()
-        c.stage = "exec"
-        os.execve(path, args, env_mapping(env))
+        c.exec_process(path, args, env)
     except BaseException as exc:  # noqa: BLE001
         fail(sync_fd, c.stage, exc)
     raise AssertionError("unreachable")

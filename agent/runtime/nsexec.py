@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from agent.runtime import syscalls as sc
-from agent.runtime.init import Container, env_mapping, fail, send
+from agent.runtime.init import Container, fail, send
 
 #: joined in this order; the mount namespace last (it changes our root)
 JOIN_ORDER: tuple[tuple[str, int], ...] = (
@@ -87,20 +87,7 @@ def _grandchild(spec: dict[str, Any], sync_fd: int, sys_: sc.Syscalls) -> None:
     try:
         if spec["process"].get("terminal"):
             c.controlling_terminal()
-        c.rlimits()
-        c.chdir()
-        c.close_fds()
-        if not c.no_new_privileges:
-            c.seccomp_apply()
-        c.credentials()
-        path, args, env = c.resolve_command()
-        c.reset_signals()
-        if c.no_new_privileges:
-            c.seccomp_apply()
-    except BaseException as exc:  # noqa: BLE001
-        fail(sync_fd, c.stage, exc)
-    try:
-        c.stage = "exec"
-        os.execve(path, args, env_mapping(env))
+        path, args, env = c.enter_process()
+        c.exec_process(path, args, env)
     except BaseException as exc:  # noqa: BLE001
         fail(sync_fd, c.stage, exc)

@@ -97,13 +97,9 @@ class Launcher:
             stdio, child_ends = self.make_stdio()
             kwargs = {}
         try:
-            if self.a.get("start", True):
-                process = self.executor.run(self.bundle, self.id, stdio, **kwargs)
-                self.status = "running"
-                self.started_at = time.time_ns()
-            else:
-                process = self.executor.create(self.bundle, self.id, stdio, **kwargs)
-                self.status = "created"
+            process = self.executor.run(self.bundle, self.id, stdio, **kwargs)
+            self.status = "running"
+            self.started_at = time.time_ns()
         finally:
             for fd in child_ends:
                 os.close(fd)
@@ -255,9 +251,6 @@ class Launcher:
             handoff["clients"].append({"fd": self.control, "mode": "attach", "stdin": bool(attach.get("stdin")),
                                        "streams": [s for s, on in ((p.STDOUT, attach.get("stdout", True)),
                                                                    (p.STDERR, attach.get("stderr", True))) if on]})
-        pending = getattr(self.executor, "_pending", {}).get(self.id)
-        if pending is not None:
-            handoff.update(sync_r=pending.sync_r, start_w=pending.start_w)
         self.listener = None  # detached: the monitor owns the fd now
         self.control = -1
         self.save_seccomp()

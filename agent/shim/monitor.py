@@ -3,8 +3,7 @@
 The launcher (:mod:`agent.shim.launch`) sets the container up, then execs
 ``python -S -m agent.shim.monitor HANDOFF`` in the same process (so it stays
 the container's parent and subreaper) with the fds it keeps: the listening
-socket, the container's output pipes or pty master, its stdin, and for a
-created container the init's start and sync pipes.  The exec drops every
+socket, the container's output pipes or pty master, its stdin and its clients.  The exec drops every
 module the set-up needed; this one imports only light standard modules, so a
 container costs ~11 MB of RSS, and imports the runtime only to exec, to start
 a created runc container, or at the end.
@@ -98,8 +97,6 @@ class Monitor(ExecMixin):
         self.started_at = int(h["started_at"])
         self.cgroup_dirs: list[str] = list(h.get("cgroup_dirs") or [])
         self.oom_file: str = h.get("oom_file") or ""
-        self.start_w = int(h.get("start_w", -1))
-        self.sync_r = int(h.get("sync_r", -1))
         self.exit_code: int | None = None
         self.exited_at = 0.0
         self.sessions: dict[int, ExecSession] = {}   # pid -> session
@@ -113,7 +110,7 @@ class Monitor(ExecMixin):
             client.streams = {int(s) for s in c.get("streams") or []}
             client.stdin = bool(c.get("stdin")) and self.open_stdin
             self.clients[sock.fileno()] = client
-        for fd in (*self.outputs, self.stdin_fd, self.master, self.start_w, self.sync_r):
+        for fd in (*self.outputs, self.stdin_fd, self.master):
             if fd >= 0:
                 os.set_inheritable(fd, False)
         self.listener.set_inheritable(False)
@@ -431,18 +428,6 @@ class Monitor(ExecMixin):
         if op == "wait":
             client.mode = "wait"
             return {"ok": True, **self.state()}
-        if op == "start":
-            if self.status != "created":
-                return {"error": f"container {self.id} is {self.status}, not created"}
-            try:
-                self.start_created()
-            except ExecFailed as exc:
-                return {"error": str(exc), "exit_code": exc.exit_code}
-            except Exception as exc:  # noqa: BLE001 - runc's ContainerStartError and the like
-                return {"error": str(exc), "exit_code": int(getattr(exc, "exit_code", 125) or 125)}
-            self.status = "running"
-            self.started_at = time.time_ns()
-            return {"ok": True, **self.state()}
         if op == "kill":
             if self.exit_code is not None:
                 return {"error": f"container {self.id} is not running"}
@@ -471,24 +456,6 @@ class Monitor(ExecMixin):
             self.close_stdin(when_flushed=True)
             return {"ok": True}
         return {"error": f"unknown op {op!r}"}
-
-    def start_created(self) -> None:
-        """``start`` of a created container: the built-in init is waiting on its start pipe."""
-        if self.runtime != "builtin":
-            self.executor.start(self.id)
-            return
-        os.write(self.start_w, b"1")
-        os.close(self.start_w)
-        self.start_w = -1
-        try:
-            messages = p.read_json_lines(self.sync_r, timeout=30.0)
-        finally:
-            os.close(self.sync_r)
-            self.sync_r = -1
-        error = next((m for m in messages if "error" in m), None)
-        if error is not None:
-            stage = str(error.get("stage") or "exec")
-            raise ExecFailed(f"container {self.id}: {stage}: {error['error']}", int(error.get("exit_code") or 125))
 
     # --- shedding: exec'ing ourselves small --------------------------------------------
 
