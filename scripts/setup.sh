@@ -12,6 +12,7 @@ APT_PACKAGES=(
   podman runc                             # interop checks (podman load) and the runc executor
   python3-seccomp                         # libseccomp's own binding, loaded by agent.runtime.seccomp
   jq curl apache2-utils iproute2 util-linux
+  openssh-server openssh-client pssh      # the SSH transport, the fleet lab's sshd, the fan-out benchmark
 )
 
 missing=()
