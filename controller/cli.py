@@ -6,32 +6,53 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from controller.client import Agent, TLSFiles, connect
 from controller.errors import UsageError
 from controller.fanout import HostResult, Limits
+from controller.targets import Target
+
+if TYPE_CHECKING:
+    from controller.ssh import SSHOptions
 
 T = TypeVar("T")
 
 
 @dataclass
 class Context:
-    hosts: list[str]
+    #: the hosts, or how to find them (an inventory is read only by commands that talk to agents)
+    targets_source: list[Target] | Callable[[], list[Target]]
     tls: TLSFiles | None = None
     limits: Limits = field(default_factory=Limits)
+    ssh: SSHOptions | None = None
+    #: ``--format json``: per-host results as one JSON document instead of the human output
+    json: bool = False
+    #: ``--retry-file``: where the hosts that did not end OK go, as an inventory
+    retry_file: str | None = None
 
     @property
-    def host(self) -> str:
-        if len(self.hosts) != 1:
-            raise UsageError("this command takes one host for now; ps and images fan out across several -H")
-        return self.hosts[0]
+    def targets(self) -> list[Target]:
+        if callable(self.targets_source):
+            self.targets_source = self.targets_source()
+        return self.targets_source
+
+    @property
+    def hosts(self) -> list[str]:
+        return [t.label for t in self.targets]
+
+    @property
+    def host(self) -> Target:
+        if len(self.targets) != 1:
+            raise UsageError(f"this command takes one host; {len(self.targets)} were given")
+        return self.targets[0]
 
     @property
     def many(self) -> bool:
-        return len(self.hosts) > 1
+        """Fan-out mode: several hosts, or per-host results asked for (JSON, a retry file, rolling)."""
+        return len(self.targets) > 1 or self.json or bool(self.retry_file) or bool(self.limits.serial)
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -39,7 +60,7 @@ pass_ctx = click.make_pass_decorator(Context)
 
 def run(ctx: Context, fn: Callable[[Agent], Awaitable[T]]) -> T:
     async def go() -> T:
-        async with connect(ctx.host, ctx.tls) as agent:
+        async with connect(ctx.host, ctx.tls, ctx.ssh) as agent:
             return await fn(agent)
 
     return asyncio.run(go())
@@ -49,18 +70,54 @@ def run_many(ctx: Context, fn: Callable[[Agent], Awaitable[T]]) -> list[HostResu
     """``fn`` on every ``-H`` host at once (see :mod:`controller.fanout`)."""
     from controller.fanout import fan_out
 
-    return asyncio.run(fan_out(ctx.hosts, fn, tls=ctx.tls, limits=ctx.limits))
+    return asyncio.run(fan_out(ctx.targets, fn, tls=ctx.tls, ssh=ctx.ssh, limits=ctx.limits))
 
 
-def finish_many(results: Sequence[HostResult]) -> None:
-    """The per-host report and summary on stderr, then exit with the fan-out's code."""
+def finish_many(ctx: Context, results: Sequence[HostResult]) -> None:
+    """The per-host report and summary on stderr (or, with ``--format json``, every host's result
+    on stdout), the retry file, then exit with the fan-out's code."""
     import sys
 
-    from controller.fanout import exit_code, report
+    from controller.fanout import OK, exit_code, report
 
-    report(results)
+    if ctx.json:
+        click.echo(json.dumps([_json_result(r) for r in results], indent=2, default=_json_default))
+    else:
+        report(results)
+    if ctx.retry_file:
+        failed = [r.target for r in results if r.status != OK and r.target is not None]
+        if failed:
+            from controller.inventory import write_retry_file
+
+            write_retry_file(ctx.retry_file, failed)
+            print(f"{len(failed)} hosts that did not end OK: retry with -i {ctx.retry_file}", file=sys.stderr)
     sys.stdout.flush()
     sys.exit(exit_code(results))
+
+
+def _json_result(r: HostResult) -> dict[str, Any]:
+    doc: dict[str, Any] = {"host": r.host, "url": r.target.url if r.target else r.host, "status": r.status}
+    if r.error:
+        doc["error"] = r.error
+    if r.value is not None:
+        doc["result"] = r.value
+    if r.attempts > 1:
+        doc["attempts"] = r.attempts
+    return doc
+
+
+def _json_default(value: Any) -> Any:
+    from google.protobuf.message import Message
+
+    if isinstance(value, Message):
+        from google.protobuf.json_format import MessageToDict
+
+        return MessageToDict(value, preserving_proto_field_name=True)
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return str(value)
 
 
 def print_json_docs(docs: Sequence[Any]) -> None:

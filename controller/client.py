@@ -8,17 +8,23 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc import aio
 
 from controller.errors import AgentError, ConnectionFailed, UsageError
+from controller.targets import Target
+
 if TYPE_CHECKING:
+    from controller.ssh import SSHOptions
     from skiff.v1 import containers_pb2_grpc, images_pb2_grpc, system_pb2_grpc
 
 DEFAULT_HOST = "unix:///run/skiff/skiffd.sock"
+#: request metadata naming one mutating call, so the agent can answer a retry without acting twice
+OPERATION_HEADER = "skiff-operation-id"
 T = TypeVar("T")
+S = TypeVar("S")
 MAX_MESSAGE = 64 << 20
 
 
@@ -66,7 +72,8 @@ def grpc_target(host: str) -> str:
         return f"unix:{path}"
     if host.startswith("/"):
         return f"unix:{host}"
-    raise UsageError(f"unsupported host {host!r}: use unix:///path/to/skiffd.sock or tcp://HOST:PORT")
+    raise UsageError(f"unsupported host {host!r}: use unix:///path/to/skiffd.sock, tcp://HOST:PORT "
+                     "or ssh://[USER@]HOST[:PORT]")
 
 
 class Agent:
@@ -75,44 +82,67 @@ class Agent:
     def __init__(self, host: str, channel: aio.Channel) -> None:
         self.host = host
         self.channel = channel
+        #: a streaming call (logs, exec, attach, pull) was opened: repeating this host's work is unsafe
+        self.streamed = False
+
+    def _track(self, stub: S) -> S:
+        """Note when any of the stub's streaming methods is called."""
+        for name, method in list(vars(stub).items()):
+            if isinstance(method, (aio.UnaryStreamMultiCallable, aio.StreamStreamMultiCallable,
+                                   aio.StreamUnaryMultiCallable)):
+                setattr(stub, name, self._streaming(method))
+        return stub
+
+    def _streaming(self, method: Callable[..., T]) -> Callable[..., T]:
+        def call(*args: object, **kwargs: object) -> T:
+            self.streamed = True
+            return method(*args, **kwargs)
+
+        return call
 
     @cached_property
     def system(self) -> system_pb2_grpc.SystemStub:
         from skiff.v1 import system_pb2_grpc
 
-        return system_pb2_grpc.SystemStub(self.channel)
+        return self._track(system_pb2_grpc.SystemStub(self.channel))
 
     @cached_property
     def images(self) -> images_pb2_grpc.ImagesStub:
         from skiff.v1 import images_pb2_grpc
 
-        return images_pb2_grpc.ImagesStub(self.channel)
+        return self._track(images_pb2_grpc.ImagesStub(self.channel))
 
     @cached_property
     def registries(self) -> images_pb2_grpc.RegistriesStub:
         from skiff.v1 import images_pb2_grpc
 
-        return images_pb2_grpc.RegistriesStub(self.channel)
+        return self._track(images_pb2_grpc.RegistriesStub(self.channel))
 
     @cached_property
     def containers(self) -> containers_pb2_grpc.ContainersStub:
         from skiff.v1 import containers_pb2_grpc
 
-        return containers_pb2_grpc.ContainersStub(self.channel)
+        return self._track(containers_pb2_grpc.ContainersStub(self.channel))
 
 
-def translate(host: str, exc: grpc.RpcError) -> Exception:
+def translate(host: str, exc: grpc.RpcError, tcp: bool | None = None) -> Exception:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     lowered = (details or "").lower()
     if code == grpc.StatusCode.UNAVAILABLE and ("ssl" in lowered or "handshake" in lowered
                                                  or "certificate" in lowered):
         reason = (details or "").rsplit(":", 1)[-1].strip() or "handshake failed"
-        return ConnectionFailed(f"TLS with the skiff agent at {host} failed ({reason}): check the CA, the "
-                                "client certificate and its expiry")
-    if code == grpc.StatusCode.UNAVAILABLE and host.startswith("tcp://") and "socket closed" in lowered:
-        return ConnectionFailed(f"the skiff agent at {host} closed the connection during the TLS handshake: "
-                                "it refused the client certificate (not from its CA, or expired?)")
+        failed = ConnectionFailed(f"TLS with the skiff agent at {host} failed ({reason}): check the CA, the "
+                                  "client certificate and its expiry")
+        failed.retryable = False
+        return failed
+    if tcp is None:
+        tcp = host.startswith("tcp://")
+    if code == grpc.StatusCode.UNAVAILABLE and tcp and "socket closed" in lowered:
+        failed = ConnectionFailed(f"the skiff agent at {host} closed the connection during the TLS handshake: "
+                                  "it refused the client certificate (not from its CA, or expired?)")
+        failed.retryable = False
+        return failed
     if code == grpc.StatusCode.UNAVAILABLE and ("connect" in (details or "").lower()
                                                  or "socket" in (details or "").lower()):
         return ConnectionFailed(f"cannot connect to the skiff agent at {host}: is skiffd running? ({details})")
@@ -130,25 +160,62 @@ def translate(host: str, exc: grpc.RpcError) -> Exception:
 
 
 @asynccontextmanager
-async def connect(host: str, tls: TLSFiles | None = None) -> AsyncIterator[Agent]:
-    target = grpc_target(host)
+async def connect(target: Target | str, tls: TLSFiles | None = None, ssh: SSHOptions | None = None,
+                  operation: str | None = None) -> AsyncIterator[Agent]:
+    """One agent's stubs over one channel; ``ssh://`` targets go through an SSH tunnel.  With an
+    ``operation``, every unary call carries ``OPERATION/N`` (its ordinal) as its operation id."""
+    if isinstance(target, str):
+        target = Target(target)
+    interceptors = [OperationIds(operation)] if operation else None
+    if target.is_ssh:
+        from controller.ssh import SSHOptions, tunnel
+
+        async with tunnel(target, ssh or SSHOptions()) as local:
+            async with _channel(target.label, local, None, interceptors=interceptors) as agent:
+                yield agent
+        return
+    secure = target.url.startswith("tcp://")
+    async with _channel(target.label, grpc_target(target.url), tls if secure else None, secure=secure,
+                        interceptors=interceptors) as agent:
+        yield agent
+
+
+class OperationIds(aio.UnaryUnaryClientInterceptor):
+    """Number the unary calls of one host's work: a retry makes the same calls in the same order,
+    so each carries the id the agent already answered, and the agent does not do it twice."""
+
+    def __init__(self, operation: str) -> None:
+        self.operation = operation
+        self.count = 0
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        self.count += 1
+        metadata = aio.Metadata(*(client_call_details.metadata or ()))
+        metadata.add(OPERATION_HEADER, f"{self.operation}/{self.count}")
+        return await continuation(client_call_details._replace(metadata=metadata), request)
+
+
+@asynccontextmanager
+async def _channel(host: str, target: str, tls: TLSFiles | None, *, secure: bool = False,
+                   interceptors: list[aio.ClientInterceptor] | None = None) -> AsyncIterator[Agent]:
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.enable_retries", 0),
     ]
-    if host.startswith("tcp://"):  # always mutual TLS
-        channel = aio.secure_channel(target, (tls or TLSFiles.default()).credentials(), options=options)
+    if secure:  # tcp:// is always mutual TLS
+        channel = aio.secure_channel(target, (tls or TLSFiles.default()).credentials(), options=options,
+                                     interceptors=interceptors)
     else:
-        channel = aio.insecure_channel(target, options=options)
+        channel = aio.insecure_channel(target, options=options, interceptors=interceptors)
     try:
         yield Agent(host, channel)
     except grpc.RpcError as exc:
-        raise translate(host, exc) from exc
+        raise translate(host, exc, secure) from exc
     finally:
         await channel.close(grace=None)
 
 
-async def call(host: str, fn: Callable[[Agent], Awaitable[T]], tls: TLSFiles | None = None) -> T:
+async def call(host: Target | str, fn: Callable[[Agent], Awaitable[T]], tls: TLSFiles | None = None) -> T:
     async with connect(host, tls) as agent:
         return await fn(agent)

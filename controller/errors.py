@@ -36,3 +36,7 @@ class AgentError(ControllerError):
 
 class ConnectionFailed(ControllerError):
     """The agent could not be reached at the given address."""
+
+    #: whether trying again later may help (refused connections, resets); never for TLS,
+    #: host-key or login failures
+    retryable: bool = True

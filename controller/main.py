@@ -11,10 +11,16 @@ import importlib
 import os
 import sys
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import click
 
 from controller import __version__
 from controller.errors import AgentError, ControllerError
+
+if TYPE_CHECKING:
+    from controller.targets import Target
 
 #: command name -> "module:attribute", in the order ``--help`` lists them
 TOP_LEVEL: dict[str, str] = {
@@ -73,33 +79,96 @@ class DockerGroup(click.Group):
 @click.group(cls=DockerGroup, lazy=TOP_LEVEL,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-H", "--host", "hosts", multiple=True, metavar="URL",
-              help="Agent to talk to (unix:///path, tcp://HOST:PORT with mutual TLS); default $SKIFF_HOST "
-                   "or unix:///run/skiff/skiffd.sock.")
+              help="Agent to talk to, repeatable: unix:///path, tcp://HOST:PORT (mutual TLS) or "
+                   "ssh://[USER@]HOST[:PORT]; default $SKIFF_HOST or unix:///run/skiff/skiffd.sock.")
+@click.option("-i", "--inventory", "inventories", multiple=True, metavar="PATH",
+              help="Ansible inventory (INI, YAML, directory or script), repeatable [$SKIFF_INVENTORY].")
+@click.option("--on", "pattern", metavar="PATTERN",
+              help="Ansible host pattern in the inventory: web, web:&prod, all:!db1, web[0:2], web* [all].")
 @click.option("--tlscacert", metavar="PATH", help="Trust certs signed only by this CA [$SKIFF_CERT_PATH/ca.pem].")
 @click.option("--tlscert", metavar="PATH", help="Client certificate for tcp:// hosts [$SKIFF_CERT_PATH/cert.pem].")
 @click.option("--tlskey", metavar="PATH", help="Client key for tcp:// hosts [$SKIFF_CERT_PATH/key.pem].")
 @click.option("--tlsverify", is_flag=True, help="Verify the agent (always on for tcp:// hosts).")
+@click.option("--known-hosts", metavar="PATH", help="SSH known_hosts file for ssh:// hosts [~/.ssh/known_hosts].")
+@click.option("--ssh-key", metavar="PATH",
+              help="SSH private key for ssh:// hosts without ansible_ssh_private_key_file [ssh's defaults].")
+@click.option("--ssh-accept-new", is_flag=True,
+              help="Trust ssh:// hosts with no key on file and record their keys (changed keys are still refused).")
 @click.option("--forks", type=click.IntRange(1, 10000), default=50, show_default=True,
-              help="Hosts talked to at once when several -H are given.")
+              help="Hosts talked to at once.")
 @click.option("--connect-timeout", type=click.FloatRange(0.1), default=5.0, show_default=True,
               help="Seconds to reach each host before it counts as UNREACHABLE.")
 @click.option("--timeout", type=click.FloatRange(0.1), default=60.0, show_default=True,
               help="Seconds for each host's answer before it counts as TIMEOUT.")
+@click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True,
+              help="Further attempts on a host whose connection failed or dropped (with jittered backoff).")
+@click.option("--serial", metavar="N|N%", help="Rolling: hosts in batches of N (or N% of them).")
+@click.option("--max-fail-percentage", type=click.FloatRange(0, 100), metavar="P",
+              help="Rolling: stop before the next batch when more than P% of a batch did not end OK.")
+@click.option("--format", "output", type=click.Choice(["json"]), metavar="json",
+              help="Print every host's result as JSON (for scripts) instead of the summary.")
+@click.option("--retry-file", metavar="PATH", help="Write the hosts that did not end OK as an inventory for -i.")
 @click.version_option(__version__, "-v", "--version", prog_name="skiff")
 @click.pass_context
-def cli(ctx: click.Context, hosts: tuple[str, ...], tlscacert: str | None, tlscert: str | None,
-        tlskey: str | None, tlsverify: bool, forks: int, connect_timeout: float, timeout: float) -> None:
+def cli(ctx: click.Context, hosts: tuple[str, ...], inventories: tuple[str, ...], pattern: str | None,
+        tlscacert: str | None, tlscert: str | None, tlskey: str | None, tlsverify: bool, known_hosts: str | None,
+        ssh_key: str | None, ssh_accept_new: bool, forks: int, connect_timeout: float, timeout: float, retries: int,
+        serial: str | None, max_fail_percentage: float | None, output: str | None, retry_file: str | None) -> None:
     """skiff: Docker for a fleet. Commands mirror docker's.
 
-    Several -H run ps and images on every host at once (a HOST column, a summary on stderr); the
-    exit code is 0 when every host is OK, else the OR of 2 (FAILED), 4 (UNREACHABLE), 8 (TIMEOUT).
+    With several hosts (-H repeated, or -i INVENTORY --on PATTERN) a command runs on every host at
+    once: tables gain a HOST column, other output is prefixed with the host, and a summary goes to
+    stderr. Each host ends OK, FAILED, UNREACHABLE or TIMEOUT (or SKIPPED by --serial's failure
+    budget); the exit code is 0 when every host is OK, else the OR of 2 (FAILED), 4 (UNREACHABLE),
+    8 (TIMEOUT) and 16 (SKIPPED).
     """
-    from controller.cli import Context
-    from controller.client import TLSFiles, default_host
-    from controller.fanout import Limits
+    from pathlib import Path
 
-    ctx.obj = Context(hosts=list(hosts) or [default_host()], tls=TLSFiles.default(tlscacert, tlscert, tlskey),
-                      limits=Limits(forks, connect_timeout, timeout))
+    from controller.cli import Context
+    from controller.client import TLSFiles
+    from controller.fanout import Limits
+    from controller.ssh import SSHOptions
+
+    if pattern is not None and not inventories and not os.environ.get("SKIFF_INVENTORY"):
+        raise click.UsageError("--on needs an inventory: -i PATH or $SKIFF_INVENTORY")
+    if max_fail_percentage is not None and not serial:
+        raise click.UsageError("--max-fail-percentage applies to rolling runs: give --serial too")
+    resolve = _targets_resolver(list(hosts), list(inventories), pattern)
+    limits = Limits(forks, connect_timeout, timeout, None, max_fail_percentage, retries)
+    ctx.obj = Context(resolve, tls=TLSFiles.default(tlscacert, tlscert, tlskey), limits=limits,
+                      ssh=SSHOptions(Path(known_hosts) if known_hosts else None, ssh_accept_new, connect_timeout,
+                                     ssh_key),
+                      json=output == "json", retry_file=retry_file)
+    if serial:
+        from dataclasses import replace
+
+        from controller.fanout import parse_serial
+
+        ctx.obj.limits = replace(limits, serial=parse_serial(serial, len(ctx.obj.targets)))
+
+
+def _targets_resolver(hosts: list[str], inventories: list[str], pattern: str | None
+                      ) -> Callable[[], list[Target]]:
+    """-H hosts, then the inventory's hosts matching the pattern; $SKIFF_INVENTORY only without -H;
+    the local agent when neither is given."""
+
+    def resolve() -> list[Target]:
+        from controller.client import default_host
+        from controller.targets import Target
+
+        targets = [Target(h) for h in hosts]
+        sources = inventories
+        if not sources and not hosts and os.environ.get("SKIFF_INVENTORY"):
+            from controller.inventory import default_sources
+
+            sources = default_sources()
+        if sources:
+            from controller.inventory import load_targets
+
+            targets += load_targets(sources, pattern or "all")
+        return targets or [Target(default_host())]
+
+    return resolve
 
 
 @cli.group("container", cls=DockerGroup, lazy=CONTAINER)

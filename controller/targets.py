@@ -6,8 +6,9 @@ transport:
 
 * ``unix:///path``           the agent's socket on this machine
 * ``tcp://HOST:PORT``         gRPC with mutual TLS
-* ``ssh://[USER@]HOST[:PORT]`` gRPC through an SSH connection to the agent's
-  unix socket on that host (``socket``), nothing listening on TCP there
+* ``ssh://[USER@]HOST[:PORT][/SOCKET]`` gRPC through an SSH connection to the
+  agent's unix socket on that host (``/run/skiff/skiffd.sock`` unless a path
+  is given), nothing listening on TCP there
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class SSHAddress:
     host: str
     port: int = 22
     user: str | None = None
+    #: the agent's socket there, when the URL names one
+    socket: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,17 +54,23 @@ class Target:
     def ssh_address(self) -> SSHAddress:
         return parse_ssh_url(self.url)
 
+    @property
+    def agent_socket(self) -> str:
+        """The agent's socket on the far side of an ssh:// target: the URL's path, else ``socket``."""
+        return self.ssh_address().socket or self.socket
+
 
 def parse_ssh_url(url: str) -> SSHAddress:
-    """``ssh://[user@]host[:port]`` (IPv6 hosts in brackets)."""
+    """``ssh://[user@]host[:port][/socket/path]`` (IPv6 hosts in brackets)."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise UsageError(f"invalid host {url!r}: {exc}") from None
-    if parts.scheme != "ssh" or not parts.hostname or parts.path not in ("", "/") or parts.query:
-        raise UsageError(f"invalid host {url!r}: use ssh://[USER@]HOST[:PORT]")
-    return SSHAddress(parts.hostname, port or 22, parts.username or None)
+    if parts.scheme != "ssh" or not parts.hostname or parts.query or parts.fragment or parts.password:
+        raise UsageError(f"invalid host {url!r}: use ssh://[USER@]HOST[:PORT][/SOCKET]")
+    socket = parts.path if parts.path not in ("", "/") else None
+    return SSHAddress(parts.hostname, port or 22, parts.username or None, socket)
 
 
 def as_targets(hosts: list[str] | tuple[str, ...]) -> list[Target]:

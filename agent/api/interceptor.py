@@ -12,6 +12,7 @@ import structlog
 from grpc import aio
 
 from agent.api import authz
+from agent.api.operations import Operations, operation_id
 from agent.api.status import code_for
 from agent.errors import SkiffError
 
@@ -56,12 +57,23 @@ def _is_abort(exc: BaseException) -> bool:
     return isinstance(exc, aio.AbortError) or type(exc).__name__ == "AbortError"
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+#: answers of mutating unary calls by operation id (see :mod:`agent.api.operations`)
+OPERATIONS = Operations()
+
+
+def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]],
+                dedup: bool = False) -> Callable[..., Awaitable[Any]]:
+    mutating = dedup and method.lstrip("/") in authz.ADMIN
+
     async def handler(request: Any, context: aio.ServicerContext) -> Any:
         outcome = _Outcome(method)
         try:
             authz.check(method, context)
-            response = await behavior(request, context)
+            operation = operation_id(context) if mutating else None
+            if operation:
+                response = await OPERATIONS.run(f"{method} {operation}", lambda: behavior(request, context))
+            else:
+                response = await behavior(request, context)
         except Exception as exc:
             if _is_abort(exc):
                 outcome.done(context.code() or grpc.StatusCode.UNKNOWN)
@@ -96,7 +108,7 @@ def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Ca
 
 
 _KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler], Callable[..., Any]], ...] = (
-    ("unary_unary", grpc.unary_unary_rpc_method_handler, _wrap_unary),
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, lambda m, b: _wrap_unary(m, b, dedup=True)),
     ("stream_unary", grpc.stream_unary_rpc_method_handler, _wrap_unary),
     ("unary_stream", grpc.unary_stream_rpc_method_handler, _wrap_stream),
     ("stream_stream", grpc.stream_stream_rpc_method_handler, _wrap_stream),

@@ -77,6 +77,8 @@ def ps(ctx: Context, all_: bool, filters: tuple[str, ...], fmt: str | None, last
     results = None
     if ctx.many:
         results = run_many(ctx, lambda agent: agent.containers.List(request, timeout=ctx.limits.timeout))
+        if ctx.json:
+            finish_many(ctx, results)
         rows = [{**row, "Host": r.host} for r in results if r.status == "OK"
                 for row in container_rows(list(r.value.containers), no_trunc)]
     else:
@@ -97,7 +99,7 @@ def ps(ctx: Context, all_: bool, filters: tuple[str, ...], fmt: str | None, last
         print_table(rows, default, fmt if fmt != "table" else None,
                     {"ID": "CONTAINER ID", "RunningFor": "CREATED", "CreatedAt": "CREATED AT"})
     if results is not None:
-        finish_many(results)
+        finish_many(ctx, results)
 
 
 def _each(ctx: Context, names: tuple[str, ...], call: Any, echo: bool = True) -> None:
@@ -144,12 +146,13 @@ def _each_on_many(ctx: Context, names: tuple[str, ...], call: Any, echo: bool) -
         if r.status != "OK":
             continue
         out, errors = r.value
-        if echo:
+        if echo and not ctx.json:
             for line in out:
                 click.echo(f"{r.host}\t{line}")
         if errors:
             r.status, r.error = "FAILED", "; ".join(errors)
-    finish_many(results)
+        r.value = out
+    finish_many(ctx, results)
 
 
 @click.command("stop")
@@ -290,48 +293,29 @@ def logs(ctx: Context, container: str, follow: bool, since: str, until: str, tai
     run(ctx, go)
 
 
-#: one colour per host, as compose gives one per service
-_COLOURS = (36, 33, 32, 35, 34, 31, 96, 93, 92, 95, 94, 91)
-
-
 def _logs_on_many(ctx: Context, request: pb.LogsRequest, timestamps: bool) -> None:
     """Every host's lines as they come, each prefixed with its host (coloured on a terminal); with
     -f it ends when every host's container has ended; a host that drops is reported, not fatal."""
     from dataclasses import replace
 
-    width = max(len(h) for h in ctx.hosts)
-    colour = sys.stdout.isatty()
-    out = sys.stdout.buffer
-    err = sys.stderr.buffer
+    from controller.prefix import Prefixer
 
-    def prefix(host: str) -> bytes:
-        text = f"{host:<{width}} | "
-        if colour:
-            text = f"\x1b[{_COLOURS[ctx.hosts.index(host) % len(_COLOURS)]}m{text}\x1b[0m"
-        return text.encode()
+    prefixer = Prefixer(ctx.hosts)
 
     async def go(agent: Agent) -> int:
-        head = prefix(agent.host)
-        partial = {pb.LogEntry.STDOUT: b"", pb.LogEntry.STDERR: b""}
-        lines = 0
-        async for batch in agent.containers.Logs(request):
-            for entry in batch.entries:
-                target = err if entry.stream == pb.LogEntry.STDERR else out
-                *complete, partial[entry.stream] = (partial[entry.stream] + entry.data).split(b"\n")
-                stamp = _timestamp(entry.time_ns).encode() + b" " if timestamps else b""
-                for line in complete:
-                    target.write(head + stamp + line + b"\n")
-                    lines += 1
-            out.flush()
-            err.flush()
-        for kind, rest in partial.items():
-            if rest:
-                (err if kind == pb.LogEntry.STDERR else out).write(head + rest + b"\n")
-        return lines
+        lines = prefixer.lines(agent.host)
+        try:
+            async for batch in agent.containers.Logs(request):
+                for entry in batch.entries:
+                    stamp = _timestamp(entry.time_ns).encode() + b" " if timestamps else b""
+                    lines.feed(entry.data, stderr=entry.stream == pb.LogEntry.STDERR, stamp=stamp)
+        finally:
+            lines.close()
+        return lines.count
 
     # following streams last as long as the containers: no call timeout, every host at once
     limits = replace(ctx.limits, timeout=None, forks=len(ctx.hosts)) if request.follow else ctx.limits
-    finish_many(run_many(replace(ctx, limits=limits), go))
+    finish_many(ctx, run_many(replace(ctx, limits=limits), go))
 
 
 def _timestamp(ns: int) -> str:

@@ -50,9 +50,9 @@ def pull(ctx: Context, name: str, all_tags: bool, platform: str, quiet: bool) ->
     if ctx.many:  # one line per host as each finishes, then the summary
         results = run_many(ctx, lambda agent: pull_image(agent, name, platform, quiet=True))
         for r in results:
-            if r.status == "OK":
+            if r.status == "OK" and not ctx.json:
                 click.echo(f"{r.host}\t{r.value}")
-        finish_many(results)
+        finish_many(ctx, results)
     click.echo(run(ctx, lambda agent: pull_image(agent, name, platform, quiet)))
 
 
@@ -108,6 +108,8 @@ def images(ctx: Context, repository: str | None, all_: bool, digests: bool, filt
     results = None
     if ctx.many:
         results = run_many(ctx, go)
+        if ctx.json:
+            finish_many(ctx, results)
         rows = [{**row, "Host": r.host} for r in results if r.status == "OK"
                 for row in _image_rows(list(r.value.images), digests, no_trunc)]
     else:
@@ -131,7 +133,7 @@ def images(ctx: Context, repository: str | None, all_: bool, digests: bool, filt
         print_table(rows, default, fmt if fmt != "table" else None,
                     {"ID": "IMAGE ID", "CreatedSince": "CREATED", "CreatedAt": "CREATED AT"})
     if results is not None:
-        finish_many(results)
+        finish_many(ctx, results)
 
 
 def _inspect_command(default_kind: str, doc: str) -> Any:

@@ -379,9 +379,9 @@ def _run_detached_on_many(ctx: Context, config: pb.ContainerConfig, o: dict[str,
 
     results = run_many(ctx, go)
     for r in results:
-        if r.status == "OK":
+        if r.status == "OK" and not ctx.json:
             click.echo(f"{r.host}\t{r.value}")
-    finish_many(results)
+    finish_many(ctx, results)
 
 
 @click.command("start")
@@ -478,7 +478,47 @@ def exec_(ctx: Context, container: str, command: tuple[str, ...], detach: bool, 
         return await attach_stream(agent, first, stdin=interactive, tty=tty, detach_keys=detach_keys,
                                    proxy_signals=False)
 
+    if ctx.many:
+        if interactive or tty:
+            raise UsageError("exec -i/-t is interactive: give one host (several hosts get prefixed output)")
+        _exec_on_many(ctx, first)
     sys.exit(_run_126(ctx, go))
+
+
+def _exec_on_many(ctx: Context, first: pb.ExecInput) -> None:
+    """``exec`` on every host at once: output lines prefixed with the host as they come, then each
+    host's exit code; a host whose command exits non-zero ends FAILED."""
+    from controller.cli import finish_many, run_many
+    from controller.prefix import Prefixer
+
+    prefixer = Prefixer(ctx.hosts)
+
+    async def go(agent: Agent) -> int:
+        async def one() -> AsyncIterator[pb.ExecInput]:
+            yield first
+
+        lines = prefixer.lines(agent.host)
+        code = 0
+        try:
+            async for msg in agent.containers.Exec(one()):
+                if msg.kind == pb.StreamOutput.STDOUT:
+                    lines.feed(msg.data)
+                elif msg.kind == pb.StreamOutput.STDERR:
+                    lines.feed(msg.data, stderr=True)
+                elif msg.kind == pb.StreamOutput.EXIT:
+                    code = msg.exit_code
+        finally:
+            lines.close()
+        return code
+
+    results = run_many(ctx, go)
+    for r in results:
+        if r.status == "OK":
+            if not ctx.json:
+                print(f"{r.host}: exit code {r.value}", file=sys.stderr)
+            if r.value:
+                r.status, r.error = "FAILED", f"exit code {r.value}"
+    finish_many(ctx, results)
 
 
 def _run_126(ctx: Context, go: Callable[[Agent], Any]) -> Any:
