@@ -112,7 +112,7 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Message):
         from google.protobuf.json_format import MessageToDict
 
-        return MessageToDict(value, preserving_proto_field_name=True)
+        return MessageToDict(value, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     if isinstance(value, (tuple, set)):
         return list(value)
     if isinstance(value, bytes):

@@ -103,3 +103,55 @@ class PullRenderer:
             self.out.write("\x1b[2K" + self.lines[layer] + "\n")
         self.drawn = len(self.order)
         self.out.flush()
+
+
+class HostProgress:
+    """``pull`` on many hosts: one line per host, redrawn in place on a terminal (at most ten times
+    a second); elsewhere each host's line once, when it ends."""
+
+    def __init__(self, hosts: list[str], out: TextIO = sys.stdout, tty: bool | None = None) -> None:
+        self.out = out
+        self.tty = out.isatty() if tty is None else tty
+        self.hosts = hosts
+        self.width = max((len(h) for h in hosts), default=0)
+        self.text = {h: "Waiting" for h in hosts}
+        self.layers: dict[str, dict[str, tuple[str, int, int]]] = {h: {} for h in hosts}
+        self.drawn = 0
+        self.last = 0.0
+
+    def event(self, host: str, layer: str, status: str, current: int = 0, total: int = 0) -> None:
+        if layer:
+            self.layers[host][layer] = (status, current, total)
+            layers = self.layers[host].values()
+            done = sum(1 for st, _, _ in layers if st in ("Pull complete", "Already exists"))
+            have = sum(c if st in ("Downloading", "Extracting") else t for st, c, t in layers)
+            size = sum(t for _, _, t in layers)
+            text = f"{status} {done}/{len(layers)} layers"
+            if size:
+                text += f" {human_size(have)}/{human_size(size)}"
+            self.text[host] = text
+        else:
+            self.text[host] = status
+        self._draw()
+
+    def end(self, host: str, text: str) -> None:
+        self.text[host] = text
+        if self.tty:
+            self._draw(force=True)
+        else:
+            self.out.write(f"{host:<{self.width}}  {text}\n")
+            self.out.flush()
+
+    def _draw(self, force: bool = False) -> None:
+        import time
+
+        now = time.monotonic()
+        if not self.tty or (not force and now - self.last < 0.1):
+            return
+        self.last = now
+        if self.drawn:
+            self.out.write(f"\x1b[{self.drawn}A")
+        for host in self.hosts:
+            self.out.write(f"\x1b[2K{host:<{self.width}}  {self.text[host]}\n")
+        self.drawn = len(self.hosts)
+        self.out.flush()

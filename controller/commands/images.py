@@ -47,12 +47,32 @@ def pull(ctx: Context, name: str, all_tags: bool, platform: str, quiet: bool) ->
     """Download an image from a registry."""
     if all_tags:
         raise UsageError("--all-tags is not supported yet")
-    if ctx.many:  # one line per host as each finishes, then the summary
-        results = run_many(ctx, lambda agent: pull_image(agent, name, platform, quiet=True))
-        for r in results:
-            if r.status == "OK" and not ctx.json:
-                click.echo(f"{r.host}\t{r.value}")
-        finish_many(ctx, results)
+    if ctx.many:  # one progress line per host, then the summary
+        _pull_on_many(ctx, name, platform, quiet)
+    click.echo(run(ctx, lambda agent: pull_image(agent, name, platform, quiet)))
+
+
+def _pull_on_many(ctx: Context, name: str, platform: str, quiet: bool) -> None:
+    from controller.render import HostProgress
+
+    progress = HostProgress(ctx.hosts, tty=False if ctx.json or quiet else None)
+
+    async def go(agent: Agent) -> str:
+        reference = ""
+        try:
+            async for ev in agent.images.Pull(images_pb2.PullRequest(reference=name, platform=platform)):
+                reference = ev.reference or reference
+                if not ctx.json:
+                    progress.event(agent.host, ev.id, ev.status, ev.current, ev.total)
+        except Exception as exc:
+            if not ctx.json:
+                progress.end(agent.host, f"failed: {rpc_details(exc)}")
+            raise
+        if not ctx.json:
+            progress.end(agent.host, f"Pulled {reference}")
+        return reference
+
+    finish_many(ctx, run_many(ctx, go))
     click.echo(run(ctx, lambda agent: pull_image(agent, name, platform, quiet)))
 
 

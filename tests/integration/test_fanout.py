@@ -85,7 +85,8 @@ def test_pull_run_stop_rm_across_hosts(agents: list[AgentProcess], registry: Reg
     ref = f"{registry.host}/busybox:1"
     pulled = skiff(*_hosts(agents), "pull", ref)
     assert pulled.code == 0, pulled.err
-    assert sorted(line.split("\t")[0] for line in pulled.out.splitlines()) == sorted(a.host for a in agents)
+    assert sorted(line.split()[0] for line in pulled.out.splitlines()) == sorted(a.host for a in agents)
+    assert all(line.split()[1:] == ["Pulled", ref] for line in pulled.out.splitlines()), pulled.out
     ran = skiff(*_hosts(agents), "run", "-d", "--name", "everywhere", ref, "sleep", "1000")
     assert ran.code == 0, ran.err
     assert len(ran.out.splitlines()) == 3 and all(len(line.split("\t")[1]) == 64 for line in ran.out.splitlines())
@@ -123,3 +124,38 @@ def test_logs_from_every_host_prefixed(agents: list[AgentProcess], registry: Reg
 
     assert len(re.findall(r"\| \d{4}-\d\d-\d\dT[\d:.]+Z oops", stamped.err)) == 3
     assert skiff(*_hosts(agents), "rm", "-f", "talker").code == 0
+
+
+def test_exec_on_every_host_prefixed_with_each_exit_code(agents: list[AgentProcess], registry: Registry) -> None:
+    ref = f"{registry.host}/busybox:1"
+    assert skiff(*_hosts(agents), "run", "-d", "--name", "execbox", ref, "sleep", "60").code == 0
+    try:
+        ran = skiff(*_hosts(agents), "exec", "execbox", "sh", "-c", "echo out; echo err >&2; hostname >/dev/null")
+        assert ran.code == 0, ran.err
+        for agent in agents:
+            assert f"{agent.host} | out" in ran.out.splitlines(), ran.out
+            assert f"{agent.host} | err" in ran.err.splitlines(), ran.err
+            assert f"{agent.host}: exit code 0" in ran.err
+        failing = skiff(*_hosts(agents), "exec", "execbox", "sh", "-c", "exit 3")
+        assert failing.code == 2, failing.err
+        assert failing.err.count("FAILED: exit code 3") == 3
+        interactive = skiff(*_hosts(agents), "exec", "-it", "execbox", "sh")
+        assert interactive.code == 125 and "one host" in interactive.err
+    finally:
+        skiff(*_hosts(agents), "rm", "-f", "execbox")
+
+
+def test_json_results_and_a_retry_file(agents: list[AgentProcess], tmp_path: Path) -> None:
+    import json
+
+    dead = f"unix://{tmp_path / 'gone.sock'}"
+    retry = tmp_path / "retry.ini"
+    result = skiff(*_hosts(agents), "-H", dead, "--format", "json", "--retries", "0", "--connect-timeout", "0.5",
+                   "--retry-file", str(retry), "ps", "-a")
+    assert result.code == 4, result.err
+    docs = json.loads(result.out)
+    assert [d["host"] for d in docs] == [a.host for a in agents] + [dead]
+    assert [d["status"] for d in docs] == ["OK"] * 3 + ["UNREACHABLE"]
+    assert all(isinstance(d["result"]["containers"], list) for d in docs[:3])
+    again = skiff("-i", str(retry), "--connect-timeout", "0.5", "--retries", "0", "ps")
+    assert again.code != 0 and "gone.sock" in again.err, again.err
