@@ -159,3 +159,32 @@ def test_json_results_and_a_retry_file(agents: list[AgentProcess], tmp_path: Pat
     assert all(isinstance(d["result"]["containers"], list) for d in docs[:3])
     again = skiff("-i", str(retry), "--connect-timeout", "0.5", "--retries", "0", "ps")
     assert again.code != 0 and "gone.sock" in again.err, again.err
+
+
+def test_a_repeated_operation_id_is_answered_not_done_twice(agents: list[AgentProcess], registry: Registry) -> None:
+    import asyncio
+
+    from controller.client import OPERATION_HEADER, connect
+    from skiff.v1 import containers_pb2 as pb
+
+    agent = agents[0]
+    config = pb.ContainerConfig(image=f"{registry.host}/busybox:1", cmd=["true"])
+
+    async def twice() -> list[str]:
+        async with connect(agent.host) as client:
+            ids = []
+            for _ in range(2):  # the same operation id: a retry after a lost answer
+                resp = await client.containers.Create(pb.CreateContainerRequest(config=config), timeout=30,
+                                                      metadata=((OPERATION_HEADER, "run-1/host/1"),))
+                ids.append(resp.id)
+            other = await client.containers.Create(pb.CreateContainerRequest(config=config), timeout=30,
+                                                   metadata=((OPERATION_HEADER, "run-1/host/2"),))
+            return [*ids, other.id]
+
+    first, again, other = asyncio.run(twice())
+    try:
+        assert first == again and other != first
+        listed = agent.ok("ps", "-a", "-q", "--no-trunc").split()
+        assert listed.count(first) == 1 and other in listed
+    finally:
+        agent.cli("rm", "-f", first, other)
