@@ -7,10 +7,10 @@
     with TokenServer() as ts, Registry(token_server=ts) as reg:
         ...                                           # Docker token auth
 
-The registry listens on 127.0.0.1 only, stores into its own directory and
-has delete enabled.  The config file is written as JSON (YAML is a superset),
-and ``REGISTRY_*`` variables are removed from the child's environment so the
-host cannot override it.
+The registry listens on 127.0.0.1 only (or on ``address``, such as a test
+bridge's), stores into its own directory and has delete enabled.  The config
+file is written as JSON (YAML is a superset), and ``REGISTRY_*`` variables are
+removed from the child's environment so the host cannot override it.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ class RegistryError(RuntimeError):
     """The registry failed to start (message carries the log tail)."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port on ``address`` that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return int(s.getsockname()[1])
 
 
@@ -56,7 +56,7 @@ def htpasswd_line(username: str, password: str) -> str:
 
 
 class Registry:
-    """A ``docker-registry serve`` child process on 127.0.0.1:<free port>.
+    """A ``docker-registry serve`` child process on 127.0.0.1:<free port> (or ``address``).
 
     Args:
         workdir: where config, data, certs and the log go (a private temp
@@ -66,13 +66,16 @@ class Registry:
         basic_auth: htpasswd (bcrypt) auth with ``username`` / ``password``.
         token_server: Docker token auth against this running TokenServer.
         start_timeout: seconds to wait for ``/v2/`` to answer.
+        address: the IPv4 address to listen on (127.0.0.1 unless given; a
+            fleet lab passes its bridge's address so network namespaces
+            behind the bridge reach the registry).
     """
 
     def __init__(self, workdir: str | os.PathLike[str] | None = None, *, tls: bool = False,
                  basic_auth: bool = False, username: str = DEFAULT_USERNAME,
                  password: str = DEFAULT_PASSWORD, token_server: TokenServer | None = None,
                  start_timeout: float = 10.0, log_level: str = "info",
-                 binary: str = DOCKER_REGISTRY) -> None:
+                 binary: str = DOCKER_REGISTRY, address: str = "127.0.0.1") -> None:
         if basic_auth and token_server is not None:
             raise ValueError("basic_auth and token_server are exclusive")
         self._own_workdir = workdir is None
@@ -87,6 +90,7 @@ class Registry:
         self.start_timeout = start_timeout
         self.log_level = log_level
         self.binary = binary
+        self.address = address
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.config_path = self.workdir / "config.yml"
@@ -101,7 +105,7 @@ class Registry:
     # -- addresses -----------------------------------------------------------
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @property
     def scheme(self) -> str:
@@ -112,7 +116,7 @@ class Registry:
         return f"{self.scheme}://{self.host}"
 
     def ref(self, name: str) -> str:
-        """``127.0.0.1:PORT/<name>`` (name may carry ``:tag`` / ``@digest``)."""
+        """``ADDRESS:PORT/<name>`` (name may carry ``:tag`` / ``@digest``)."""
         return f"{self.host}/{name}"
 
     @property
@@ -136,7 +140,7 @@ class Registry:
         import trustme
 
         ca = trustme.CA(organization_name="skiff tests")
-        cert = ca.issue_cert("127.0.0.1", "localhost")
+        cert = ca.issue_cert(*dict.fromkeys(("127.0.0.1", "localhost", self.address)))
         tls_dir = self.workdir / "tls"
         tls_dir.mkdir(exist_ok=True)
         self.ca_pem_path = tls_dir / "ca.pem"
@@ -154,7 +158,7 @@ class Registry:
 
     def _config(self) -> dict[str, Any]:
         http: dict[str, Any] = {
-            "addr": f"127.0.0.1:{self.port}",
+            "addr": self.host,
             "secret": "skiff-test-secret",
             "headers": {"X-Content-Type-Options": ["nosniff"]},
         }
@@ -204,7 +208,7 @@ class Registry:
             self._htpasswd.write_text(htpasswd_line(self.username, self.password))
         last_error = ""
         for _attempt in range(3):
-            self.port = free_port()
+            self.port = free_port(self.address)
             self.config_path.write_text(json.dumps(self._config(), indent=2))
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
@@ -218,7 +222,7 @@ class Registry:
                 break
         tail = self.log_tail()
         self.stop()
-        raise RegistryError(f"docker-registry on 127.0.0.1:{self.port} did not come up: "
+        raise RegistryError(f"docker-registry on {self.host} did not come up: "
                             f"{last_error}\n--- registry log tail ---\n{tail}")
 
     def _wait_ready(self) -> tuple[bool, str]:
