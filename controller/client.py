@@ -85,6 +85,11 @@ class Agent:
         #: a streaming call (logs, exec, attach, pull) was opened: repeating this host's work is unsafe
         self.streamed = False
 
+    async def probe(self, timeout: float = 2.0) -> None:
+        """A health check, answered by every agent to every role: raises the connection's error."""
+        check = self.channel.unary_unary("/grpc.health.v1.Health/Check")
+        await check(b"", timeout=timeout)
+
     def _track(self, stub: S) -> S:
         """Note when any of the stub's streaming methods is called."""
         for name, method in list(vars(stub).items()):
@@ -189,6 +194,9 @@ class OperationIds(aio.UnaryUnaryClientInterceptor):
         self.count = 0
 
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        method = client_call_details.method
+        if (method.decode() if isinstance(method, bytes) else str(method)).startswith("/grpc.health."):
+            return await continuation(client_call_details, request)
         self.count += 1
         metadata = aio.Metadata(*(client_call_details.metadata or ()))
         metadata.add(OPERATION_HEADER, f"{self.operation}/{self.count}")

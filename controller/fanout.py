@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from controller.client import Agent, TLSFiles, connect
-from controller.errors import ConnectionFailed, ControllerError, UsageError
+from controller.errors import AgentError, ConnectionFailed, ControllerError, UsageError
 from controller.targets import Target
 
 if TYPE_CHECKING:
@@ -106,9 +106,10 @@ async def _attempt(target: Target, fn: Callable[[Agent], Awaitable[Any]], tls: T
     async def go() -> tuple[HostResult, bool]:
         async with connect(target, tls, ssh, operation=operation) as agent:
             opened.append(agent)
-            try:
-                await asyncio.wait_for(agent.channel.channel_ready(), limits.connect_timeout)
-            except TimeoutError:
+            if not await _ready(agent, limits):
+                if await _reachable(target):  # accepted, then nothing: a hung agent, not worth a retry
+                    return HostResult(label, TIMEOUT, error=f"the agent accepted the connection but did not "
+                                      f"answer within {limits.connect_timeout:g}s (hung?)", target=target), False
                 return HostResult(label, UNREACHABLE, error=f"no connection within {limits.connect_timeout:g}s",
                                   target=target), True
             try:
@@ -125,6 +126,51 @@ async def _attempt(target: Target, fn: Callable[[Agent], Awaitable[Any]], tls: T
         return HostResult(label, UNREACHABLE, error=str(exc), target=target), exc.retryable and safe
     except ControllerError as exc:  # the agent's error, or ours (a bad template, say)
         return HostResult(label, FAILED, error=str(exc), target=target), False
+
+
+async def _ready(agent: Agent, limits: Limits) -> bool:
+    """Wait (up to ``connect_timeout``) for the channel to connect; a failed connection raises its
+    own error at once (refused, TLS refusal: see :func:`controller.client.translate`) instead of
+    waiting out the timeout while gRPC reconnects."""
+    import grpc
+
+    channel = agent.channel
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.connect_timeout
+    state = channel.get_state(try_to_connect=True)
+    while state != grpc.ChannelConnectivity.READY:
+        if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            try:
+                await agent.probe()  # fails fast, with the connection's error
+            except AgentError as exc:  # an UNAVAILABLE the translation does not know
+                raise ConnectionFailed(f"cannot connect to the skiff agent at {agent.host}: {exc}") from None
+            return True
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        try:
+            await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
+        except TimeoutError:
+            return False
+        state = channel.get_state()
+    return True
+
+
+async def _reachable(target: Target) -> bool:
+    """Whether the agent's address accepts a connection at all (a frozen agent's still does)."""
+    if target.is_ssh:
+        return True  # the tunnel already reached the agent's socket
+    try:
+        if target.url.startswith("tcp://"):
+            host, _, port = target.url.removeprefix("tcp://").rstrip("/").rpartition(":")
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), 1.0)
+        else:
+            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(target.url.removeprefix("unix://")),
+                                               1.0)
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    return True
 
 
 async def _one(target: Target, fn: Callable[[Agent], Awaitable[Any]], tls: TLSFiles | None,

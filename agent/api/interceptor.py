@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -53,6 +54,20 @@ async def _fail(context: aio.ServicerContext, outcome: _Outcome, exc: BaseExcept
     await context.abort(code, message)
 
 
+async def _check(method: str, request: Any, context: aio.ServicerContext) -> None:
+    """Authorise; a refused client-streaming call has its first message read before the refusal,
+    so the client's opening write does not race the abort (which it would see as an internal error)."""
+    try:
+        authz.check(method, context)
+    except Exception:
+        if hasattr(request, "__anext__"):
+            try:
+                await asyncio.wait_for(request.__anext__(), 1.0)
+            except (Exception, TimeoutError):  # noqa: BLE001 - only a courtesy before the refusal
+                pass
+        raise
+
+
 def _is_abort(exc: BaseException) -> bool:
     return isinstance(exc, aio.AbortError) or type(exc).__name__ == "AbortError"
 
@@ -68,7 +83,7 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]],
     async def handler(request: Any, context: aio.ServicerContext) -> Any:
         outcome = _Outcome(method)
         try:
-            authz.check(method, context)
+            await _check(method, request, context)
             operation = operation_id(context) if mutating else None
             if operation:
                 response = await OPERATIONS.run(f"{method} {operation}", lambda: behavior(request, context))
@@ -90,7 +105,7 @@ def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Ca
     async def handler(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         outcome = _Outcome(method)
         try:
-            authz.check(method, context)
+            await _check(method, request, context)
             async for item in behavior(request, context):
                 yield item
         except Exception as exc:
