@@ -73,6 +73,29 @@ def run_many(ctx: Context, fn: Callable[[Agent], Awaitable[T]]) -> list[HostResu
     return asyncio.run(fan_out(ctx.targets, fn, tls=ctx.tls, ssh=ctx.ssh, limits=ctx.limits))
 
 
+def run_each(ctx: Context, fetch: Callable[[Agent], Awaitable[T]],
+             render: Callable[[T], tuple[str, str]]) -> None:
+    """A one-host command on many hosts: ``render`` turns a host's answer into (the text the
+    one-host command prints, an error or ""); each host's lines are printed prefixed with the host,
+    and a host with an error ends FAILED.  Then the summary and exit code, as for every fan-out."""
+    from controller.fanout import FAILED, OK
+    from controller.prefix import Prefixer
+
+    results = run_many(ctx, fetch)
+    prefixer = Prefixer(ctx.hosts)
+    for r in results:
+        if r.status != OK:
+            continue
+        text, error = render(r.value)
+        if error:
+            r.status, r.error = FAILED, error
+        if text and not ctx.json:
+            lines = prefixer.lines(r.host)
+            lines.feed(text.encode())
+            lines.close()
+    finish_many(ctx, results)
+
+
 def finish_many(ctx: Context, results: Sequence[HostResult]) -> None:
     """The per-host report and summary on stderr (or, with ``--format json``, every host's result
     on stdout), the retry file, then exit with the fan-out's code."""
@@ -126,11 +149,15 @@ def print_json_docs(docs: Sequence[Any]) -> None:
 
 
 def print_template_docs(fmt: str, docs: Sequence[Any]) -> None:
+    click.echo(template_text(fmt, docs), nl=False)
+
+
+def template_text(fmt: str, docs: Sequence[Any]) -> str:
+    """Each document through the ``--format`` template, one line each."""
     from controller.templates import Template
 
     template = Template(fmt)
-    for doc in docs:
-        click.echo(template.execute(doc))
+    return "".join(template.execute(doc) + "\n" for doc in docs)
 
 
 def print_table(rows: Sequence[dict[str, Any]], default_format: str, fmt: str | None,

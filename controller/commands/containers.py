@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from controller.cli import Context, finish_many, pass_ctx, print_table, run, run_many
+from controller.cli import Context, finish_many, pass_ctx, print_table, run, run_each, run_many
 from controller.client import Agent
 from controller.commands.images import confirm, rpc_details
 from controller.errors import AgentError, CancelledError, UsageError
@@ -218,8 +218,12 @@ def wait(ctx: Context, containers: tuple[str, ...]) -> None:
 @pass_ctx
 def rename(ctx: Context, container: str, new_name: str) -> None:
     """Rename a container."""
-    run(ctx, lambda agent: agent.containers.Rename(pb.RenameContainerRequest(container=container, name=new_name),
-                                                   timeout=30))
+    async def go(agent: Agent) -> None:
+        await agent.containers.Rename(pb.RenameContainerRequest(container=container, name=new_name), timeout=30)
+
+    if ctx.many:
+        run_each(ctx, go, lambda _: ("", ""))
+    run(ctx, go)
 
 
 @click.command("prune")
@@ -230,14 +234,18 @@ def prune(ctx: Context, force: bool, filters: tuple[str, ...]) -> None:
     """Remove all stopped containers."""
     if not force and not confirm("WARNING! This will remove all stopped containers."):
         raise CancelledError("")
-    resp = run(ctx, lambda agent: agent.containers.Prune(pb.PruneContainersRequest(filters=list(filters)),
-                                                         timeout=300))
-    if resp.deleted:
-        click.echo("Deleted Containers:")
-        for container_id in resp.deleted:
-            click.echo(container_id)
-        click.echo("")
-    click.echo(f"Total reclaimed space: {human_size(resp.space_reclaimed)}")
+    async def go(agent: Agent) -> pb.PruneContainersResponse:
+        return await agent.containers.Prune(pb.PruneContainersRequest(filters=list(filters)), timeout=300)
+
+    if ctx.many:
+        run_each(ctx, go, lambda resp: (_pruned_text(resp), ""))
+    click.echo(_pruned_text(run(ctx, go)), nl=False)
+
+
+def _pruned_text(resp: pb.PruneContainersResponse) -> str:
+    lines = ["Deleted Containers:", *resp.deleted, ""] if resp.deleted else []
+    lines.append(f"Total reclaimed space: {human_size(resp.space_reclaimed)}")
+    return "\n".join(lines) + "\n"
 
 
 def _parse_time(value: str, flag: str) -> int:
@@ -329,9 +337,17 @@ def _timestamp(ns: int) -> str:
 @pass_ctx
 def top(ctx: Context, container: str, ps_args: tuple[str, ...]) -> None:
     """Display the running processes of a container."""
-    resp = run(ctx, lambda agent: agent.containers.Top(
-        pb.TopContainerRequest(container=container, ps_args=list(ps_args)), timeout=30))
+    async def go(agent: Agent) -> pb.TopContainerResponse:
+        return await agent.containers.Top(pb.TopContainerRequest(container=container, ps_args=list(ps_args)),
+                                          timeout=30)
+
+    if ctx.many:
+        run_each(ctx, go, lambda resp: (_top_text(resp), ""))
+    click.echo(_top_text(run(ctx, go)), nl=False)
+
+
+def _top_text(resp: pb.TopContainerResponse) -> str:
     from controller.templates import tabwrite
 
     lines = ["\t".join(resp.titles)] + ["\t".join(r.fields) for r in resp.processes]
-    click.echo(tabwrite(lines, minwidth=0, padding=3).rstrip("\n"))
+    return tabwrite(lines, minwidth=0, padding=3).rstrip("\n") + "\n"

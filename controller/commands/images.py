@@ -12,8 +12,7 @@ from typing import Any, TextIO
 
 import click
 
-from controller.cli import (Context, finish_many, pass_ctx, print_json_docs, print_table, print_template_docs, run,
-                            run_many)
+from controller.cli import Context, finish_many, pass_ctx, print_table, run, run_each, run_many, template_text
 from controller.client import Agent
 from controller.errors import CancelledError, UsageError
 from controller.render import PullRenderer, ago, human_size
@@ -199,15 +198,20 @@ def inspect_objects(ctx: Context, names: tuple[str, ...], fmt: str | None, size:
                 errors.append(rpc_details(exc))
         return docs, errors
 
+    if ctx.many:
+        run_each(ctx, go, lambda found: (_docs_text(fmt, found[0]), "; ".join(found[1])))
     docs, errors = run(ctx, go)
-    if fmt and fmt != "json":
-        print_template_docs(fmt, docs)
-    else:
-        print_json_docs(docs)
+    click.echo(_docs_text(fmt, docs), nl=False)
     if errors:
         for err in errors:
             click.echo(f"Error: {err}", err=True)
         sys.exit(1)
+
+
+def _docs_text(fmt: str | None, docs: list[Any]) -> str:
+    if fmt and fmt != "json":
+        return template_text(fmt, docs)
+    return json.dumps(list(docs), indent=4) + "\n"
 
 
 @click.command()
@@ -223,7 +227,15 @@ def history(ctx: Context, image: str, fmt: str | None, human: bool, no_trunc: bo
     async def go(agent: Agent) -> images_pb2.ImageHistoryResponse:
         return await agent.images.History(images_pb2.ImageHistoryRequest(image=image), timeout=30)
 
-    resp = run(ctx, go)
+    if ctx.many:
+        run_each(ctx, go, lambda resp: (_history_text(resp, fmt, human, no_trunc, quiet), ""))
+    click.echo(_history_text(run(ctx, go), fmt, human, no_trunc, quiet), nl=False)
+
+
+def _history_text(resp: images_pb2.ImageHistoryResponse, fmt: str | None, human: bool, no_trunc: bool,
+                  quiet: bool) -> str:
+    from controller.templates import format_rows
+
     rows = []
     for e in resp.entries:
         ident = e.id if no_trunc or e.id == "<missing>" else e.id.removeprefix("sha256:")[:12]
@@ -234,11 +246,10 @@ def history(ctx: Context, image: str, fmt: str | None, human: bool, no_trunc: bo
                      "CreatedBy": created_by, "Size": human_size(e.size) if human else str(e.size),
                      "Comment": e.comment, "Tags": ", ".join(e.tags)})
     if quiet:
-        for row in rows:
-            click.echo(row["ID"])
-        return
-    print_table(rows, "table {{.ID}}\t{{.CreatedSince}}\t{{.CreatedBy}}\t{{.Size}}\t{{.Comment}}", fmt,
-                {"ID": "IMAGE", "CreatedSince": "CREATED", "CreatedBy": "CREATED BY"})
+        return "".join(row["ID"] + "\n" for row in rows)
+    out = format_rows(fmt or "table {{.ID}}\t{{.CreatedSince}}\t{{.CreatedBy}}\t{{.Size}}\t{{.Comment}}", rows,
+                      {"ID": "IMAGE", "CreatedSince": "CREATED", "CreatedBy": "CREATED BY"})
+    return out + "\n" if out else ""
 
 
 @click.command()
@@ -251,6 +262,8 @@ def tag(ctx: Context, source: str, target: str) -> None:
     async def go(agent: Agent) -> None:
         await agent.images.Tag(images_pb2.TagImageRequest(source=source, target=target), timeout=30)
 
+    if ctx.many:
+        run_each(ctx, go, lambda _: ("", ""))
     run(ctx, go)
 
 
@@ -262,8 +275,8 @@ def tag(ctx: Context, source: str, target: str) -> None:
 def rmi(ctx: Context, images_: tuple[str, ...], force: bool, no_prune: bool) -> None:
     """Remove one or more images."""
 
-    async def go(agent: Agent) -> list[str]:
-        errors = []
+    async def go(agent: Agent) -> tuple[str, list[str]]:
+        out, errors = [], []
         for name in images_:
             try:
                 resp = await agent.images.Remove(
@@ -271,13 +284,13 @@ def rmi(ctx: Context, images_: tuple[str, ...], force: bool, no_prune: bool) -> 
             except Exception as exc:
                 errors.append(rpc_details(exc))
                 continue
-            for item in resp.untagged:
-                click.echo(f"Untagged: {item}")
-            for item in resp.deleted:
-                click.echo(f"Deleted: {item}")
-        return errors
+            out += [f"Untagged: {item}\n" for item in resp.untagged] + [f"Deleted: {item}\n" for item in resp.deleted]
+        return "".join(out), errors
 
-    errors = run(ctx, go)
+    if ctx.many:
+        run_each(ctx, go, lambda done: (done[0], "; ".join(done[1])))
+    text, errors = run(ctx, go)
+    click.echo(text, nl=False)
     for err in errors:
         click.echo(f"Error response from agent: {err}", err=True)
     if errors:
@@ -300,15 +313,18 @@ def prune(ctx: Context, all_: bool, filters: tuple[str, ...], force: bool) -> No
     async def go(agent: Agent) -> images_pb2.PruneImagesResponse:
         return await agent.images.Prune(images_pb2.PruneImagesRequest(all=all_, filters=list(filters)), timeout=300)
 
-    resp = run(ctx, go)
+    if ctx.many:
+        run_each(ctx, go, lambda resp: (_pruned_text(resp), ""))
+    click.echo(_pruned_text(run(ctx, go)), nl=False)
+
+
+def _pruned_text(resp: images_pb2.PruneImagesResponse) -> str:
+    lines = []
     if resp.untagged or resp.deleted:
-        click.echo("Deleted Images:")
-        for item in resp.untagged:
-            click.echo(f"untagged: {item}")
-        for item in resp.deleted:
-            click.echo(f"deleted: {item}")
-        click.echo("")
-    click.echo(f"Total reclaimed space: {human_size(resp.space_reclaimed)}")
+        lines += ["Deleted Images:", *(f"untagged: {i}" for i in resp.untagged), *(f"deleted: {i}" for i in resp.deleted),
+                  ""]
+    lines.append(f"Total reclaimed space: {human_size(resp.space_reclaimed)}")
+    return "\n".join(lines) + "\n"
 
 
 @click.command()
@@ -334,6 +350,8 @@ def login(ctx: Context, server: str, username: str | None, password: str | None,
         return await agent.registries.Login(
             images_pb2.LoginRequest(server=server, username=username or "", password=password or ""), timeout=60)
 
+    if ctx.many:  # the credentials go to every agent
+        run_each(ctx, go, lambda resp: (resp.status + "\n", ""))
     click.echo(run(ctx, go).status)
 
 
@@ -346,6 +364,8 @@ def logout(ctx: Context, server: str) -> None:
     async def go(agent: Agent) -> images_pb2.LogoutResponse:
         return await agent.registries.Logout(images_pb2.LogoutRequest(server=server), timeout=30)
 
+    if ctx.many:
+        run_each(ctx, go, lambda resp: (resp.status + "\n", ""))
     click.echo(run(ctx, go).status)
 
 

@@ -333,6 +333,11 @@ def create(ctx: Context, image: str, command: tuple[str, ...], **o: Any) -> None
     """Create a new container."""
     config = build_config(image, command, o)
     config.stdin_once = False
+    if ctx.many:
+        from controller.cli import run_each
+
+        run_each(ctx, lambda agent: create_container(agent, config, o["platform"], o["pull_policy"], quiet=True),
+                 lambda container_id: (container_id + "\n", ""))
     click.echo(_run_125(ctx, lambda agent: create_container(agent, config, o["platform"], o["pull_policy"])))
 
 

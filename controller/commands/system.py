@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from controller import __version__
-from controller.cli import Context, pass_ctx, print_template_docs, run
+from controller.cli import Context, pass_ctx, run, run_each, template_text
 from controller.client import Agent
 from controller.render import human_size
 from skiff.v1 import system_pb2
@@ -25,27 +25,33 @@ def version(ctx: Context, fmt: str | None) -> None:
     async def fetch(agent: Agent) -> Any:
         return await agent.system.Version(system_pb2.VersionRequest(), timeout=10)
 
+    if ctx.many:  # each agent's version
+        run_each(ctx, fetch, lambda resp: (_version_text(fmt, client, _server(resp)), ""))
     server: dict[str, Any] | None = None
     error: Exception | None = None
     try:
-        resp = run(ctx, fetch)
-        server = {"Version": resp.version, "ApiVersion": resp.api_version, "PythonVersion": resp.python_version,
-                  "GrpcVersion": resp.grpc_version, "Os": resp.os, "Arch": resp.arch,
-                  "KernelVersion": resp.kernel_version}
+        server = _server(run(ctx, fetch))
     except Exception as exc:  # still print the client half, like docker
         error = exc
-    if fmt:
-        print_template_docs(fmt, [{"Client": client, "Server": server}])
-    else:
-        click.echo("Client:")
-        for key in ("Version", "ApiVersion", "PythonVersion", "Os", "Arch"):
-            click.echo(f" {key + ':':<16}{client[key]}")
-        if server:
-            click.echo("\nServer:")
-            for key in ("Version", "ApiVersion", "PythonVersion", "GrpcVersion", "KernelVersion", "Os", "Arch"):
-                click.echo(f" {key + ':':<16}{server[key]}")
+    click.echo(_version_text(fmt, client, server), nl=False)
     if error is not None:
         raise error
+
+
+def _server(resp: Any) -> dict[str, Any]:
+    return {"Version": resp.version, "ApiVersion": resp.api_version, "PythonVersion": resp.python_version,
+            "GrpcVersion": resp.grpc_version, "Os": resp.os, "Arch": resp.arch, "KernelVersion": resp.kernel_version}
+
+
+def _version_text(fmt: str | None, client: dict[str, Any], server: dict[str, Any] | None) -> str:
+    if fmt:
+        return template_text(fmt, [{"Client": client, "Server": server}])
+    lines = ["Client:", *(f" {key + ':':<16}{client[key]}" for key in ("Version", "ApiVersion", "PythonVersion",
+                                                                       "Os", "Arch"))]
+    if server:
+        lines += ["", "Server:", *(f" {key + ':':<16}{server[key]}" for key in (
+            "Version", "ApiVersion", "PythonVersion", "GrpcVersion", "KernelVersion", "Os", "Arch"))]
+    return "\n".join(lines) + "\n"
 
 
 @click.command()
@@ -57,14 +63,17 @@ def info(ctx: Context, fmt: str | None) -> None:
     async def fetch(agent: Agent) -> system_pb2.InfoResponse:
         return await agent.system.Info(system_pb2.InfoRequest(), timeout=10)
 
-    resp = run(ctx, fetch)
-    from google.protobuf.json_format import MessageToDict
+    if ctx.many:  # each agent's answer, prefixed with its host
+        run_each(ctx, fetch, lambda resp: (_info_text(resp, fmt), ""))
+    click.echo(_info_text(run(ctx, fetch), fmt), nl=False)
 
-    doc = MessageToDict(resp, preserving_proto_field_name=False, always_print_fields_with_no_presence=True)
-    doc = {k[0].upper() + k[1:]: v for k, v in doc.items()}
+
+def _info_text(resp: system_pb2.InfoResponse, fmt: str | None) -> str:
     if fmt:
-        print_template_docs(fmt, [doc])
-        return
+        from google.protobuf.json_format import MessageToDict
+
+        doc = MessageToDict(resp, preserving_proto_field_name=False, always_print_fields_with_no_presence=True)
+        return template_text(fmt, [{k[0].upper() + k[1:]: v for k, v in doc.items()}])
     lines = [
         "Server:",
         f" Containers: {resp.containers}",
@@ -93,6 +102,6 @@ def info(ctx: Context, fmt: str | None) -> None:
         *[f"  {r}" for r in resp.insecure_registries],
         f" Max Concurrent Downloads: {resp.max_concurrent_downloads}",
     ]
-    click.echo("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 

@@ -188,3 +188,34 @@ def test_a_repeated_operation_id_is_answered_not_done_twice(agents: list[AgentPr
         assert listed.count(first) == 1 and other in listed
     finally:
         agent.cli("rm", "-f", first, other)
+
+
+def test_every_other_command_fans_out_with_prefixed_output(agents: list[AgentProcess], registry: Registry) -> None:
+    ref = f"{registry.host}/busybox:1"
+    hosts = _hosts(agents)
+
+    def lines_of(text: str, agent: AgentProcess) -> list[str]:
+        return [ln.split(" | ", 1)[1] for ln in text.splitlines() if ln.startswith(agent.host + " ")]
+
+    info = skiff(*hosts, "info", "--format", "{{.ServerVersion}} {{.CgroupDriver}}")
+    assert info.code == 0 and all(lines_of(info.out, a) == ["0.1.0 cgroupfs"] for a in agents), info.out + info.err
+    version = skiff(*hosts, "version", "--format", "{{.Server.Version}}")
+    assert version.code == 0 and all(lines_of(version.out, a) == ["0.1.0"] for a in agents), version.out
+    assert skiff(*hosts, "tag", ref, "fleet/tagged:1").code == 0
+    inspected = skiff(*hosts, "inspect", "--format", "{{index .RepoTags 0}}", "fleet/tagged:1")
+    assert inspected.code == 0 and all(lines_of(inspected.out, a) for a in agents), inspected.out
+    history = skiff(*hosts, "history", "-q", "fleet/tagged:1")
+    assert history.code == 0 and all(lines_of(history.out, a) for a in agents)
+    created = skiff(*hosts, "create", "--name", "made-everywhere", ref, "sleep", "30")
+    assert created.code == 0 and all(len(lines_of(created.out, a)[0]) == 64 for a in agents), created.out
+    assert skiff(*hosts, "rename", "made-everywhere", "renamed-everywhere").code == 0
+    assert skiff(*hosts, "start", "renamed-everywhere").code == 0
+    top = skiff(*hosts, "top", "renamed-everywhere")
+    assert top.code == 0 and all(any("sleep 30" in ln for ln in lines_of(top.out, a)) for a in agents), top.out
+    assert skiff(*hosts, "rm", "-f", "renamed-everywhere").code == 0
+    removed = skiff(*hosts, "rmi", "fleet/tagged:1")
+    assert removed.code == 0 and all(lines_of(removed.out, a) == ["Untagged: fleet/tagged:1"] for a in agents)
+    missing = skiff(*hosts, "rmi", "fleet/tagged:1")
+    assert missing.code == 2 and missing.err.count(": FAILED: No such image") == 3, missing.err
+    pruned = skiff(*hosts, "container", "prune", "-f")
+    assert pruned.code == 0 and all(lines_of(pruned.out, a)[-1].startswith("Total reclaimed space") for a in agents)
