@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -48,6 +49,10 @@ class TLSFiles:
                    Path(key) if key else base / "key.pem")
 
     def credentials(self) -> grpc.ChannelCredentials:
+        """Read once per process and shared by every channel (a fan-out makes hundreds)."""
+        return _credentials(self)
+
+    def _read(self) -> grpc.ChannelCredentials:
         try:
             return grpc.ssl_channel_credentials(root_certificates=self.ca.read_bytes(),
                                                 private_key=self.key.read_bytes(),
@@ -55,6 +60,11 @@ class TLSFiles:
         except OSError as exc:
             raise UsageError(f"TLS: cannot read {exc.filename}: {exc.strerror} "
                              "(--tlscacert/--tlscert/--tlskey, or $SKIFF_CERT_PATH; see `skiff ca`)") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _credentials(files: TLSFiles) -> grpc.ChannelCredentials:
+    return files._read()
 
 
 def grpc_target(host: str) -> str:

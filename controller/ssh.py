@@ -68,16 +68,33 @@ def known_hosts_name(address: SSHAddress) -> str:
     return address.host if address.port == 22 else f"[{address.host}]:{address.port}"
 
 
-def _is_known(path: Path, address: SSHAddress) -> bool:
-    """Whether known_hosts holds any key (or CA) for this host, matching or not."""
+_parsed: dict[Path, tuple[float, int, Any]] = {}
+
+
+def _known_hosts(path: Path) -> Any:
+    """known_hosts parsed once per process (asyncssh re-reads a path for every connection), again
+    only when the file changed (``--ssh-accept-new`` appends to it)."""
     import asyncssh
 
     try:
-        known = asyncssh.read_known_hosts(str(path))
+        st = path.stat()
+        cached = _parsed.get(path)
+        if cached is not None and cached[:2] == (st.st_mtime, st.st_size):
+            return cached[2]
+        known = asyncssh.import_known_hosts(path.read_text())
     except FileNotFoundError:
-        return False
-    except (OSError, ValueError) as exc:
+        return None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise HostKeyRefused(f"cannot read known_hosts {path}: {exc}") from None
+    _parsed[path] = (st.st_mtime, st.st_size, known)
+    return known
+
+
+def _is_known(path: Path, address: SSHAddress) -> bool:
+    """Whether known_hosts holds any key (or CA) for this host, matching or not."""
+    known = _known_hosts(path)
+    if known is None:
+        return False
     host_keys, ca_keys, *_ = known.match(address.host, "", address.port)
     return bool(host_keys or ca_keys)
 
@@ -98,7 +115,10 @@ async def ssh_connect(target: Target, opts: SSHOptions) -> asyncssh.SSHClientCon
     where = f"{address.user + '@' if address.user else ''}{address.host}:{address.port}"
     known_hosts = opts.known_hosts_path()
     accepting = opts.accept_new and not _is_known(known_hosts, address)
-    kwargs: dict[str, Any] = dict(port=address.port, known_hosts=None if accepting else str(known_hosts),
+    trusted = None if accepting else _known_hosts(known_hosts)
+    if trusted is None and not accepting:
+        trusted = ([], [], [])  # no file: nothing is trusted
+    kwargs: dict[str, Any] = dict(port=address.port, known_hosts=trusted,
                                   config=[], connect_timeout=opts.connect_timeout, login_timeout=opts.connect_timeout)
     if address.user:
         kwargs["username"] = address.user
