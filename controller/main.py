@@ -31,6 +31,7 @@ TOP_LEVEL: dict[str, str] = {
     "inspect": "images:inspect", "history": "images:history", "tag": "images:tag", "rmi": "images:rmi",
     "save": "images:save", "load": "images:load", "login": "images:login", "logout": "images:logout",
     "version": "system:version", "info": "system:info", "ca": "ca:ca",
+    "bootstrap": "bootstrap:bootstrap",
 }
 CONTAINER: dict[str, str] = {
     "run": "run:run", "create": "run:create", "start": "run:start", "stop": "containers:stop",
