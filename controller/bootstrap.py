@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -1002,12 +1003,27 @@ class SSHRemote:
             listener.close()
 
 
+_checkout_lock = threading.Lock()
+
+
+def _this_checkout() -> WheelSet:
+    """This checkout's wheels, looked up (or built) once per process however many hosts need them."""
+    with _checkout_lock:
+        global _checkout_wheels
+        if _checkout_wheels is None:
+            _checkout_wheels = cached_wheels(announce=lambda text: print(text, file=sys.stderr))
+        return _checkout_wheels
+
+
+_checkout_wheels: WheelSet | None = None
+
+
 async def ensure_agent(conn: asyncssh.SSHClientConnection, target: Target,
                        options: BootstrapOptions = BootstrapOptions()) -> bool:
     """Install, configure and start skiffd on ``target`` over ``conn`` as needed; True when it changed
     something.  Raises :class:`BootstrapError` (the host cannot be bootstrapped) or
     :class:`ConnectionFailed` (the connection broke)."""
-    wheels = options.wheels if options.wheels is not None else await asyncio.to_thread(cached_wheels)
+    wheels = options.wheels if options.wheels is not None else await asyncio.to_thread(_this_checkout)
     return (await converge(SSHRemote(conn, target.label), target, options, wheels)).changed
 
 

@@ -95,6 +95,8 @@ class DockerGroup(click.Group):
               help="SSH private key for ssh:// hosts without ansible_ssh_private_key_file [ssh's defaults].")
 @click.option("--ssh-accept-new", is_flag=True,
               help="Trust ssh:// hosts with no key on file and record their keys (changed keys are still refused).")
+@click.option("--bootstrap", "bootstrap", is_flag=True,
+              help="On ssh:// hosts where no skiffd answers, install and start it first (as `skiff bootstrap`).")
 @click.option("--forks", type=click.IntRange(1, 10000), default=50, show_default=True,
               help="Hosts talked to at once.")
 @click.option("--connect-timeout", type=click.FloatRange(0.1), default=5.0, show_default=True,
@@ -113,7 +115,7 @@ class DockerGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, hosts: tuple[str, ...], inventories: tuple[str, ...], pattern: str | None,
         tlscacert: str | None, tlscert: str | None, tlskey: str | None, tlsverify: bool, known_hosts: str | None,
-        ssh_key: str | None, ssh_accept_new: bool, forks: int, connect_timeout: float, timeout: float, retries: int,
+        ssh_key: str | None, ssh_accept_new: bool, bootstrap: bool, forks: int, connect_timeout: float, timeout: float, retries: int,
         serial: str | None, max_fail_percentage: float | None, output: str | None, retry_file: str | None) -> None:
     """skiff: Docker for a fleet. Commands mirror docker's.
 
@@ -138,7 +140,7 @@ def cli(ctx: click.Context, hosts: tuple[str, ...], inventories: tuple[str, ...]
     limits = Limits(forks, connect_timeout, timeout, None, max_fail_percentage, retries)
     ctx.obj = Context(resolve, tls=TLSFiles.default(tlscacert, tlscert, tlskey), limits=limits,
                       ssh=SSHOptions(Path(known_hosts) if known_hosts else None, ssh_accept_new, connect_timeout,
-                                     ssh_key),
+                                     ssh_key, bootstrap),
                       json=output == "json", retry_file=retry_file)
     if serial:
         from dataclasses import replace

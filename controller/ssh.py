@@ -58,6 +58,8 @@ class SSHOptions:
     connect_timeout: float = 5.0
     #: the key for ssh:// hosts whose inventory entry names none (ansible's --private-key)
     identity: str | None = None
+    #: install and start skiffd where none answers (``--bootstrap``; :func:`controller.bootstrap.ensure_agent`)
+    bootstrap: bool = False
 
     def known_hosts_path(self) -> Path:
         return self.known_hosts or Path.home() / ".ssh" / "known_hosts"
@@ -149,19 +151,32 @@ async def ssh_connect(target: Target, opts: SSHOptions) -> asyncssh.SSHClientCon
     return conn
 
 
+async def _probe(conn: asyncssh.SSHClientConnection, target: Target, when: str = "") -> None:
+    import asyncssh
+
+    try:
+        _, writer = await conn.open_unix_connection(target.agent_socket)
+        writer.close()
+    except asyncssh.ChannelOpenError as exc:
+        hint = "" if when else ": is skiffd running there? (`skiff bootstrap` or --bootstrap installs it)"
+        raise NoAgent(f"no skiff agent answers at {target.agent_socket} on {target.label}{when} "
+                      f"({exc.reason}){hint}") from None
+
+
 @asynccontextmanager
 async def tunnel(target: Target, opts: SSHOptions) -> AsyncIterator[str]:
     """A gRPC target (``unix-abstract:…``) that reaches ``target.agent_socket`` on the far host."""
-    import asyncssh
-
     conn = await ssh_connect(target, opts)
     try:
         try:  # the agent's socket, probed once: a clear error now rather than a channel that never connects
-            _, writer = await conn.open_unix_connection(target.agent_socket)
-            writer.close()
-        except asyncssh.ChannelOpenError as exc:
-            raise NoAgent(f"no skiff agent answers at {target.agent_socket} on {target.label} ({exc.reason}): "
-                          "is skiffd running there? (`skiff bootstrap` installs it)") from None
+            await _probe(conn, target)
+        except NoAgent:
+            if not opts.bootstrap:
+                raise
+            from controller.bootstrap import ensure_agent
+
+            await ensure_agent(conn, target)
+            await _probe(conn, target, " after `skiff bootstrap`")
         name = f"skiff-ssh-{os.getpid()}-{next(_names)}"
         try:
             listener = await conn.forward_local_path("\0" + name, target.agent_socket)

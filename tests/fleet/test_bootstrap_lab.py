@@ -187,3 +187,27 @@ def test_a_host_without_python3_venv_is_told_what_to_install(bare_lab: Lab) -> N
     assert failed.err.strip().splitlines()[0] == (
         f"{host.ssh_url}: FAILED: python3-venv missing on {host.ssh_url}: apt-get install python3-venv")
     _nothing_installed(host)
+
+
+def test_the_ssh_transport_installs_a_missing_agent_with_bootstrap(bare_lab: Lab) -> None:
+    lab, host = bare_lab, bare_lab.hosts[1]
+    _nothing_installed(host)
+    ssh = _ssh_args(lab, host)
+    without = lab.skiff(*ssh, "--retries", "0", "ps", cert=None)
+    assert without.code != 0
+    assert f"no skiff agent answers at /run/skiff/skiffd.sock on {host.ssh_url}" in without.err, without.err
+    assert "--bootstrap installs it" in without.err
+    _nothing_installed(host)
+
+    began = time.monotonic()
+    listed = lab.skiff(*ssh, "--bootstrap", "ps", "--format", "{{.Names}}", cert=None, timeout=300)
+    TIMINGS["ps --bootstrap onto a bare host"] = time.monotonic() - began
+    assert listed.code == 0, listed.err
+    assert listed.out == ""
+    pid = _agent_pid(host)
+    assert pid is not None
+    assert os.readlink(f"/proc/{pid}/ns/mnt") in host.namespaces
+
+    again = lab.skiff(*ssh, "--bootstrap", "ps", cert=None)  # an agent answers: nothing is installed again
+    assert again.code == 0, again.err
+    assert again.out.startswith("CONTAINER ID") and _agent_pid(host) == pid
