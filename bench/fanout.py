@@ -2,7 +2,7 @@
 and a bare asyncssh floor, on the same loopback "hosts", in the same run.
 
     .venv/bin/python bench/fanout.py [--n 50,200] [--runs 5] [--ansible-runs 3]
-                                     [--only grpc,ssh,ansible,pssh,asyncssh] [--keep]
+                                     [--only grpc,grpc-floor,ssh,ansible,pssh,asyncssh] [--keep]
 
 The hosts (everything under one tmp dir; the system sshd, /root and /run are untouched):
 
@@ -31,6 +31,9 @@ ansible fewer runs: 15–35 s each at N=200):
 * ``skiff-ssh -H``: ``skiff --known-hosts KH --ssh-key KEY --forks N -H ssh://root@127.0.0.X:2222/SOCK … ps``;
 * ``skiff-ssh -i``: ``skiff --known-hosts KH -i ssh.N.ini --on all --forks N ps`` (skiff_transport=ssh,
   skiff_socket, ansible_user/port/key: the same file ansible reads);
+* ``grpc.aio mTLS floor``: this file as ``fanout.py grpc-floor``: one mTLS channel per host (the
+  same client certificate), one health check on each, at once, then ``os._exit`` as skiff does:
+  the least a gRPC+mTLS fan-out costs here, and what skiff-grpc's controller CPU is measured against;
 * ``asyncssh floor``: this file as ``fanout.py asyncssh-floor``: connect to every host, run ``true``
   on each, close; as the anchor's asyncssh_fanout.py, the key is read once and known_hosts is given
   as a path, which asyncssh parses again for every connection (so does skiff: ~1.4 ms per
@@ -89,8 +92,8 @@ CPU_TARGET_MS = 2.0  # controller CPU per host
 #: skiff's inventory cache skips files younger than this (controller.inventory.SETTLE_SECONDS)
 INVENTORY_SETTLE_S = 2.1
 SKIFF_SUMMARY = re.compile(r"(\d+) OK, (\d+) FAILED, (\d+) UNREACHABLE, (\d+) TIMEOUT")
-CASE_KEYS = ("grpc-i", "grpc-H", "ssh-H", "ssh-i", "asyncssh", "pssh", "ansible")
-ALIASES = {"grpc": ("grpc-i", "grpc-H"), "ssh": ("ssh-H", "ssh-i"), "all": CASE_KEYS}
+CASE_KEYS = ("grpc-i", "grpc-H", "grpc-floor", "ssh-H", "ssh-i", "asyncssh", "pssh", "ansible")
+ALIASES = {"grpc": ("grpc-i", "grpc-H", "grpc-floor"), "ssh": ("ssh-H", "ssh-i"), "all": CASE_KEYS}
 
 
 # -- the asyncssh floor: run as `fanout.py asyncssh-floor`, a separate process -----------------------
@@ -125,6 +128,39 @@ def asyncssh_floor(argv: Sequence[str]) -> int:
         return 0 if ok == len(hosts) else 1
 
     return asyncio.run(main())
+
+
+def grpc_floor(argv: Sequence[str]) -> int:
+    """Open one mTLS channel to every ``tcp://`` agent of HOSTS (``ip:port`` lines) at once, make one
+    health check on each, close; one JSON line.  The least any gRPC+mTLS fan-out pays: skiff's own
+    controller CPU is reported against it."""
+    import asyncio
+
+    import grpc
+
+    parser = argparse.ArgumentParser(prog="fanout.py grpc-floor")
+    parser.add_argument("--hosts", required=True)
+    parser.add_argument("--certs", required=True, help="directory with ca.pem, cert.pem, key.pem")
+    args = parser.parse_args(argv)
+    hosts = Path(args.hosts).read_text().split()
+    certs = Path(args.certs)
+    creds = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes(), (certs / "key.pem").read_bytes(),
+                                         (certs / "cert.pem").read_bytes())
+
+    async def one(address: str) -> bool:
+        async with grpc.aio.secure_channel(address, creds) as channel:
+            await channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=30)
+            return True
+
+    async def main() -> int:
+        results = await asyncio.gather(*(one(h) for h in hosts), return_exceptions=True)
+        ok = sum(1 for r in results if r is True)
+        errors = [repr(r)[:200] for r in results if isinstance(r, BaseException)]
+        print(json.dumps({"ok": ok, "n": len(hosts), "errors": len(errors), "error_sample": errors[:3]}), flush=True)
+        return 0 if ok == len(hosts) else 1
+
+    code = asyncio.run(main())
+    os._exit(code)  # as skiff does: no grpc teardown at exit
 
 
 # -- /proc helpers ----------------------------------------------------------------------------------
@@ -247,6 +283,7 @@ class Fleet:
                    "skiff_transport=ssh"]
             (self.inv / f"ssh.{n}.ini").write_text("\n".join(ssh) + "\n")
             (self.inv / f"pssh.{n}").write_text("".join(f"{ip}:{self.ssh_port} root\n" for ip in ips))
+            (self.inv / f"grpc-floor.{n}").write_text("".join(f"{ip}:{self.grpc_port}\n" for ip in ips))
             (self.inv / f"floor.{n}").write_text("".join(f"{ip}:{self.ssh_port}\n" for ip in ips))
         (self.work / "ansible.cfg").write_text(
             "[defaults]\ngathering = explicit\nhost_key_checking = True\ninterpreter_python = /usr/bin/python3\n"
@@ -541,6 +578,9 @@ def make_cases(fleet: Fleet, n: int, keys: Sequence[str], runs: int, ansible_run
     table: dict[str, tuple[str, list[str], Callable[[str], int | None]]] = {
         "grpc-i": ("skiff-grpc -i", [*skiff, "-i", str(inv / f"grpc.{n}.ini"), "--on", "all", "ps"], count_skiff),
         "grpc-H": ("skiff-grpc -H", [*skiff, *grpc_h, "ps"], count_skiff),
+        "grpc-floor": ("grpc.aio mTLS floor", [sys.executable, str(Path(__file__).resolve()), "grpc-floor", "--hosts",
+                                               str(inv / f"grpc-floor.{n}"), "--certs", str(fleet.client_certs)],
+                       count_floor),
         "ssh-H": ("skiff-ssh -H", [*skiff, *ssh_opts, "--ssh-key", str(fleet.key), *ssh_h, "ps"], count_skiff),
         "ssh-i": ("skiff-ssh -i", [*skiff, *ssh_opts, "-i", str(inv / f"ssh.{n}.ini"), "--on", "all", "ps"],
                   count_skiff),
@@ -574,7 +614,7 @@ def ratios(results: Sequence[Result]) -> list[dict[str, Any]]:
     by = {(r.case.key, r.n): r for r in results}
     out = []
     for r in results:
-        if not r.case.key.startswith(("grpc", "ssh")):
+        if not r.case.key.startswith(("grpc-i", "grpc-H", "ssh")):
             continue
         wall = r.med("wall")
         row: dict[str, Any] = {"kind": "ratio", "tool": r.case.label, "n": r.n, "wall_median_s": round(wall, 4),
@@ -582,6 +622,10 @@ def ratios(results: Sequence[Result]) -> list[dict[str, Any]]:
         for other in ("asyncssh", "ansible", "pssh"):
             if (other, r.n) in by:
                 row[f"over_{other}"] = round(wall / by[(other, r.n)].med("wall"), 3)
+        if r.case.key.startswith("grpc") and ("grpc-floor", r.n) in by:
+            floor = by[("grpc-floor", r.n)]
+            row["floor_cpu_ms_per_host"] = round(floor.med("cpu") * 1000 / r.n, 3)
+            row["cpu_over_grpc_floor"] = round(r.med("cpu") / floor.med("cpu"), 3)
         smaller = [m for (key, m) in by if key == r.case.key and m < r.n]
         if smaller:  # what one more host costs: the slope from the next smaller N, start-up cost excluded
             base = by[(r.case.key, max(smaller))]
@@ -613,10 +657,12 @@ def print_ratios(rows: Sequence[dict[str, Any]]) -> None:
             target = "-"
         cells = [f"{row[k]:.2f}" if k in row else "-" for k in ("over_asyncssh", "over_ansible", "over_pssh")]
         cpu = row["ctl_cpu_ms_per_host"]
+        floor = (f"; grpc.aio floor {row['floor_cpu_ms_per_host']:.2f}, skiff x{row['cpu_over_grpc_floor']:.2f}"
+                 if "floor_cpu_ms_per_host" in row else "")
         marginal = (f"{row['marginal_cpu_ms_per_host']:.2f} / {row['marginal_wall_ms_per_host']:.2f}"
                     if "marginal_cpu_ms_per_host" in row else "-")
         print(f"| {row['tool']} | {row['n']} | {row['wall_median_s']:.3f} | {target} | {' | '.join(cells)} "
-              f"| {cpu:.2f} (<= {CPU_TARGET_MS:g}: {verdict(cpu <= CPU_TARGET_MS)}) | {marginal} |")
+              f"| {cpu:.2f} (<= {CPU_TARGET_MS:g}: {verdict(cpu <= CPU_TARGET_MS)}{floor}) | {marginal} |")
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -735,4 +781,6 @@ def main() -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["asyncssh-floor"]:
         sys.exit(asyncssh_floor(sys.argv[2:]))
+    if sys.argv[1:2] == ["grpc-floor"]:
+        sys.exit(grpc_floor(sys.argv[2:]))
     sys.exit(main())
