@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from controller import bootstrap as bs
 from controller.bootstrap import FileSpec, HostFacts, Layout, Wheel, WheelSet
+from controller.wheels import WheelBuildError
 
 LAYOUT = Layout()
 
@@ -176,7 +177,7 @@ def test_a_failed_build_says_why_and_caches_nothing(tmp_path: Path) -> None:
     python = tmp_path / "python"
     python.write_text("#!/bin/sh\necho 'ERROR: Could not find a version that satisfies grpcio>=99' >&2\nexit 1\n")
     python.chmod(0o755)
-    with pytest.raises(bs.BootstrapError, match="exited 1: ERROR: Could not find a version that satisfies"):
+    with pytest.raises(WheelBuildError, match="exited 1: ERROR: Could not find a version that satisfies"):
         bs.cached_wheels(project, tmp_path / "cache", str(python))
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [".lock"]
 
