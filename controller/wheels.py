@@ -2,10 +2,12 @@
 (once per source state, cached under ``~/.cache/skiff/wheels``) for hosts with no internet:
 ``skiff bootstrap`` uploads them, the Ansible role ``skiff_agent`` copies them.
 
-    python -m controller.wheels [SOURCE_DIR]
+    python -m controller.wheels [SOURCE_DIR | --dir WHEEL_DIR]
 
-builds (or finds) the wheels of the checkout at SOURCE_DIR (default: this one) and prints their
-directory, the one line on stdout.
+builds (or finds) the wheels of the checkout at SOURCE_DIR (default: this one), or reads a
+directory of ready wheels, and prints one JSON line: ``dir``, ``version`` (skiff's), ``skiff``
+(its wheel's name), ``wheels`` (every wheel's name) and ``digest`` (of every name and sha256:
+what a host has installed when its digest matches).
 """
 
 from __future__ import annotations
@@ -189,18 +191,25 @@ def _prune(cache: Path, keep: Path) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    if len(argv) > 1 or (argv and argv[0].startswith("-")):
-        print("usage: python -m controller.wheels [SOURCE_DIR]", file=sys.stderr)
+    import json
+
+    args = list(argv)
+    if len(args) > 2 or (args and args[0].startswith("-") and (args[0] != "--dir" or len(args) != 2)):
+        print("usage: python -m controller.wheels [SOURCE_DIR | --dir WHEEL_DIR]", file=sys.stderr)
         return 2
     try:
-        project = Path(argv[0]).resolve() if argv else project_dir()
-        if not (project / "pyproject.toml").is_file():
-            raise UsageError(f"{project} is not a skiff checkout (no pyproject.toml)")
-        wheels = cached_wheels(project, announce=lambda text: print(text, file=sys.stderr))
+        if args[:1] == ["--dir"]:
+            wheels = read_wheels(Path(args[1]).resolve())
+        else:
+            project = Path(args[0]).resolve() if args else project_dir()
+            if not (project / "pyproject.toml").is_file():
+                raise UsageError(f"{project} is not a skiff checkout (no pyproject.toml)")
+            wheels = cached_wheels(project, announce=lambda text: print(text, file=sys.stderr))
     except ControllerError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
-    print(wheels.dir)
+    print(json.dumps({"dir": str(wheels.dir), "version": wheels.version, "skiff": wheels.skiff.name,
+                      "wheels": [w.name for w in wheels.wheels], "digest": wheels.digest}))
     return 0
 
 
