@@ -221,8 +221,9 @@ def test_a_host_that_fails_preflight_is_reported_and_the_others_finish(rollout: 
     fake.write_text("".join(line for line in Path("/proc/filesystems").read_text().splitlines(keepends=True)
                             if "overlay" not in line))
     assert bad.run("mount", "--bind", str(fake), "/proc/filesystems").returncode == 0
+    newer = _newer_checkout(rollout.work, "0.1.1")  # what the others run after the upgrade test: no change there
     try:
-        proc, recap = rollout.playbook("deploy.yml")
+        proc, recap = rollout.playbook("deploy.yml", "-e", f"skiff_agent_source_dir={newer}")
     finally:
         bad.run("umount", "/proc/filesystems")
     assert proc.returncode == 2, _why(proc)
@@ -231,7 +232,7 @@ def test_a_host_that_fails_preflight_is_reported_and_the_others_finish(rollout: 
     assert f"{bad.name}: the kernel cannot run skiff's containers: no overlay filesystem" in proc.stdout
     assert _agent_pid(bad) is None and not bad.private("/opt/skiff/venv").exists()  # nothing installed there
     # the fleet check ran for the hosts still standing
-    assert proc.stdout.count("skiffd 0.1.") == 3, _why(proc)
+    assert proc.stdout.count("skiffd 0.1.1, ") == 3, _why(proc)
 
 
 def test_remove_takes_the_agent_away(rollout: Rollout) -> None:
