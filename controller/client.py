@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 from grpc import aio
@@ -100,13 +100,10 @@ class Agent:
         check = self.channel.unary_unary("/grpc.health.v1.Health/Check")
         await check(b"", timeout=timeout)
 
-    def _track(self, stub: S) -> S:
-        """Note when any of the stub's streaming methods is called."""
-        for name, method in list(vars(stub).items()):
-            if isinstance(method, (aio.UnaryStreamMultiCallable, aio.StreamStreamMultiCallable,
-                                   aio.StreamUnaryMultiCallable)):
-                setattr(stub, name, self._streaming(method))
-        return stub
+    def _stub(self, kind: type[S]) -> S:
+        """A stub whose methods are made on first use (a fan-out over hundreds of hosts calls one or
+        two of a service's methods on each); calling a streaming method marks the host streamed."""
+        return cast(S, _LazyStub(self, _method_table(cast(type, kind))))
 
     def _streaming(self, method: Callable[..., T]) -> Callable[..., T]:
         def call(*args: object, **kwargs: object) -> T:
@@ -119,25 +116,58 @@ class Agent:
     def system(self) -> system_pb2_grpc.SystemStub:
         from skiff.v1 import system_pb2_grpc
 
-        return self._track(system_pb2_grpc.SystemStub(self.channel))
+        return self._stub(system_pb2_grpc.SystemStub)
 
     @cached_property
     def images(self) -> images_pb2_grpc.ImagesStub:
         from skiff.v1 import images_pb2_grpc
 
-        return self._track(images_pb2_grpc.ImagesStub(self.channel))
+        return self._stub(images_pb2_grpc.ImagesStub)
 
     @cached_property
     def registries(self) -> images_pb2_grpc.RegistriesStub:
         from skiff.v1 import images_pb2_grpc
 
-        return self._track(images_pb2_grpc.RegistriesStub(self.channel))
+        return self._stub(images_pb2_grpc.RegistriesStub)
 
     @cached_property
     def containers(self) -> containers_pb2_grpc.ContainersStub:
         from skiff.v1 import containers_pb2_grpc
 
-        return self._track(containers_pb2_grpc.ContainersStub(self.channel))
+        return self._stub(containers_pb2_grpc.ContainersStub)
+
+
+class _Recorder:
+    """Takes a channel's place while a generated stub's constructor runs: each method it would make
+    comes back as (kind, path, arguments)."""
+
+    def __getattr__(self, kind: str) -> Callable[..., tuple[str, str, dict[str, Any]]]:
+        if kind not in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            raise AttributeError(kind)
+        return lambda path, **kwargs: (kind, path, kwargs)
+
+
+@functools.cache
+def _method_table(kind: type) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """A generated stub class's methods: name -> (channel method, path, its arguments)."""
+    return dict(vars(kind(_Recorder())))
+
+
+class _LazyStub:
+    def __init__(self, agent: Agent, table: dict[str, tuple[str, str, dict[str, Any]]]) -> None:
+        self._agent = agent
+        self._table = table
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            kind, path, kwargs = self._table[name]
+        except KeyError:
+            raise AttributeError(name) from None
+        method = getattr(self._agent.channel, kind)(path, **kwargs)
+        if kind != "unary_unary":
+            method = self._agent._streaming(method)
+        setattr(self, name, method)
+        return method
 
 
 def translate(host: str, exc: grpc.RpcError, tcp: bool | None = None) -> Exception:

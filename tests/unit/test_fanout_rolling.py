@@ -176,3 +176,23 @@ def test_no_retry_once_a_stream_has_begun(sockets: list[Path]) -> None:
     results = asyncio.run(_with_server(sockets[:1], Seen(), fan_out([f"unix://{sockets[0]}"], work,
                                                                         limits=Limits(connect_timeout=2))))
     assert results[0].status == UNREACHABLE and calls == 1
+
+
+async def test_stubs_make_methods_on_first_use_and_streams_mark_the_host(tmp_path: Path) -> None:
+    from skiff.v1 import containers_pb2
+
+    channel = aio.insecure_channel(f"unix://{tmp_path / 'nobody.sock'}")
+    try:
+        agent = Agent("unix://nobody", channel)
+        stub = agent.containers
+        assert "List" not in vars(stub)
+        listing = stub.List
+        assert stub.List is listing and isinstance(listing, aio.UnaryUnaryMultiCallable)
+        assert not agent.streamed
+        call = stub.Logs(containers_pb2.LogsRequest(container="x"))
+        assert agent.streamed
+        call.cancel()
+        with pytest.raises(AttributeError):
+            stub.NoSuchMethod
+    finally:
+        await channel.close()
