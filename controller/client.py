@@ -89,11 +89,16 @@ def grpc_target(host: str) -> str:
 class Agent:
     """Stubs for one agent over one channel, each made (and its module imported) on first use."""
 
-    def __init__(self, host: str, channel: aio.Channel) -> None:
+    def __init__(self, host: str, channel: aio.Channel, operation: str | None = None) -> None:
         self.host = host
         self.channel = channel
         #: a streaming call (logs, exec, attach, pull) was opened: repeating this host's work is unsafe
         self.streamed = False
+        #: this host's work's operation id: every unary call carries ``OPERATION/N`` (N: its ordinal),
+        #: so a retry, which makes the same calls in the same order, carries the ids the agent already
+        #: answered, and the agent does not do them twice
+        self.operation = operation
+        self.calls = 0
 
     async def probe(self, timeout: float = 2.0) -> None:
         """A health check, answered by every agent to every role: raises the connection's error."""
@@ -104,6 +109,14 @@ class Agent:
         """A stub whose methods are made on first use (a fan-out over hundreds of hosts calls one or
         two of a service's methods on each); calling a streaming method marks the host streamed."""
         return cast(S, _LazyStub(self, _method_table(cast(type, kind))))
+
+    def _numbered(self, method: Callable[..., T]) -> Callable[..., T]:
+        def call(request: object, *, metadata: Any = None, **kwargs: object) -> T:
+            self.calls += 1
+            numbered = (*(metadata or ()), (OPERATION_HEADER, f"{self.operation}/{self.calls}"))
+            return method(request, metadata=numbered, **kwargs)
+
+        return call
 
     def _streaming(self, method: Callable[..., T]) -> Callable[..., T]:
         def call(*args: object, **kwargs: object) -> T:
@@ -166,6 +179,8 @@ class _LazyStub:
         method = getattr(self._agent.channel, kind)(path, **kwargs)
         if kind != "unary_unary":
             method = self._agent._streaming(method)
+        elif self._agent.operation:
+            method = self._agent._numbered(method)
         setattr(self, name, method)
         return method
 
@@ -211,53 +226,33 @@ async def connect(target: Target | str, tls: TLSFiles | None = None, ssh: SSHOpt
     ``operation``, every unary call carries ``OPERATION/N`` (its ordinal) as its operation id."""
     if isinstance(target, str):
         target = Target(target)
-    interceptors = [OperationIds(operation)] if operation else None
     if target.is_ssh:
         from controller.ssh import SSHOptions, tunnel
 
         async with tunnel(target, ssh or SSHOptions()) as local:
-            async with _channel(target.label, local, None, interceptors=interceptors) as agent:
+            async with _channel(target.label, local, None, operation=operation) as agent:
                 yield agent
         return
     secure = target.url.startswith("tcp://")
     async with _channel(target.label, grpc_target(target.url), tls if secure else None, secure=secure,
-                        interceptors=interceptors) as agent:
+                        operation=operation) as agent:
         yield agent
-
-
-class OperationIds(aio.UnaryUnaryClientInterceptor):
-    """Number the unary calls of one host's work: a retry makes the same calls in the same order,
-    so each carries the id the agent already answered, and the agent does not do it twice."""
-
-    def __init__(self, operation: str) -> None:
-        self.operation = operation
-        self.count = 0
-
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        method = client_call_details.method
-        if (method.decode() if isinstance(method, bytes) else str(method)).startswith("/grpc.health."):
-            return await continuation(client_call_details, request)
-        self.count += 1
-        metadata = aio.Metadata(*(client_call_details.metadata or ()))
-        metadata.add(OPERATION_HEADER, f"{self.operation}/{self.count}")
-        return await continuation(client_call_details._replace(metadata=metadata), request)
 
 
 @asynccontextmanager
 async def _channel(host: str, target: str, tls: TLSFiles | None, *, secure: bool = False,
-                   interceptors: list[aio.ClientInterceptor] | None = None) -> AsyncIterator[Agent]:
+                   operation: str | None = None) -> AsyncIterator[Agent]:
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.enable_retries", 0),
     ]
     if secure:  # tcp:// is always mutual TLS
-        channel = aio.secure_channel(target, (tls or TLSFiles.default()).credentials(), options=options,
-                                     interceptors=interceptors)
+        channel = aio.secure_channel(target, (tls or TLSFiles.default()).credentials(), options=options)
     else:
-        channel = aio.insecure_channel(target, options=options, interceptors=interceptors)
+        channel = aio.insecure_channel(target, options=options)
     try:
-        yield Agent(host, channel)
+        yield Agent(host, channel, operation)
     except grpc.RpcError as exc:
         raise translate(host, exc, secure) from exc
     finally:
