@@ -681,6 +681,8 @@ def parse_keys(text: str) -> list[str]:
 
 
 def main() -> int:
+    # every skiff a process of its own (no client zygote): its cpu is then the timed process's own
+    os.environ["SKIFF_CLIENT_PERSIST"] = "0"
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", default="50,200", help="host counts, comma-separated (default 50,200; max 253)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per tool and N (default 5)")

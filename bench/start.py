@@ -40,6 +40,7 @@ from bench.timer import Case, Timing, interleave  # noqa: E402
 from tests.support import ociimage  # noqa: E402
 from tests.support.agent import AgentProcess  # noqa: E402
 from tests.support.registry import Registry  # noqa: E402
+from tests.support.zygotes import stop_zygotes, zygote_pids  # noqa: E402
 
 TARGET = 0.7
 RSS_CONTAINERS = 5
@@ -92,6 +93,12 @@ class Stack:
         if hybrid_cgroups():
             self.podman += ["--runtime", "runc"]
         self.pm_env = {**os.environ, "TMPDIR": str(pm / "vartmp")}
+        #: skiff's client zygote (controller.zygote) lives here, and is ended with the stack
+        self.client_dir = work / "client"
+        os.environ["SKIFF_CLIENT_DIR"] = str(self.client_dir)  # for the agent's own checks too
+        self.skiff_env = {**os.environ}
+        #: every skiff process started afresh, as with SKIFF_CLIENT_PERSIST=0
+        self.cold_env = {**os.environ, "SKIFF_CLIENT_PERSIST": "0"}
         (pm / "vartmp").mkdir(parents=True)
 
     @property
@@ -101,7 +108,7 @@ class Stack:
 
     def sh(self, argv: list[str], *, check: bool = True, timeout: float = 120) -> str:
         proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout,
-                              env=self.pm_env if argv[0] == "podman" else None)
+                              env=self.pm_env if argv[0] == "podman" else self.skiff_env)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: "
                                f"{proc.stderr.decode(errors='replace').strip()[-500:]}")
@@ -135,6 +142,7 @@ class Stack:
                 self.sh(argv, check=False, timeout=60)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 print(f"clean-up: {' '.join(argv[:4])}…: {exc}", file=sys.stderr)
+        stop_zygotes(self.client_dir)
         for stop in (self.agent.stop if self.agent else None, self.registry.stop if self.registry else None):
             try:
                 if stop is not None:
@@ -190,16 +198,27 @@ def measure(stack: Stack, ref: str, bundle: Path, runs: int, warmup: int) -> dic
     runc_ids = itertools.count()
     runc_run = ["runc", "--root", str(stack.runc_root), "run", "-b", str(bundle)]
     cases = [
-        Case("skiff run --rm IMAGE true", lambda i: [*stack.skiff, "run", "--rm", ref, "true"]),
+        Case("skiff run --rm IMAGE true", lambda i: [*stack.skiff, "run", "--rm", ref, "true"], env=stack.skiff_env),
         Case("podman run --rm --network none IMAGE true",
              lambda i: [*stack.podman, "run", "--rm", "--network", "none", *ULIMITS, ref, "true"],
              env=stack.pm_env),
         Case("runc run (same busybox bundle)", lambda i: [*runc_run, f"bench-{next(runc_ids)}"]),
-        Case("floor: skiff version (CLI start + 1 RPC)", lambda i: [*stack.skiff, "version"]),
+        Case("floor: skiff version (CLI start + 1 RPC)", lambda i: [*stack.skiff, "version"], env=stack.skiff_env),
+        Case("skiff run, no zygote (PERSIST=0)", lambda i: [*stack.skiff, "run", "--rm", ref, "true"],
+             env=stack.cold_env),
+        Case("skiff version, no zygote (PERSIST=0)", lambda i: [*stack.skiff, "version"], env=stack.cold_env),
     ]
+    stack.sh([*stack.skiff, "version"])  # the first skiff starts the client zygote
+    for _ in range(100):
+        if zygote_pids(stack.client_dir):
+            break
+        time.sleep(0.05)
+    zygotes = zygote_pids(stack.client_dir)
     cpu_before = agent_cpu(stack.agent.proc.pid)
+    zygote_before = sum(agent_cpu(pid) for pid in zygotes)
     start = interleave(cases, runs, warmup)
     cpu_per_round = (agent_cpu(stack.agent.proc.pid) - cpu_before) / (runs + warmup)
+    zygote_per_round = (sum(agent_cpu(pid) for pid in zygotes) - zygote_before) / (runs + warmup)
 
     skiff_sleeper = stack.skiff_detached(ref, "--name", "bench-exec")
     podman_sleeper = stack.podman_detached(ref, "--name", "bench-exec")
@@ -207,7 +226,8 @@ def measure(stack: Stack, ref: str, bundle: Path, runs: int, warmup: int) -> dic
                        env=stack.pm_env)]
     has_exec = skiff_exec_available(stack)
     if has_exec:
-        exec_cases.insert(0, Case("skiff exec CONTAINER true", lambda i: [*stack.skiff, "exec", skiff_sleeper, "true"]))
+        exec_cases.insert(0, Case("skiff exec CONTAINER true", lambda i: [*stack.skiff, "exec", skiff_sleeper, "true"],
+                                  env=stack.skiff_env))
     execs = interleave(exec_cases, runs, warmup)
 
     skiff_ids = [stack.skiff_detached(ref) for _ in range(RSS_CONTAINERS)]
@@ -216,9 +236,11 @@ def measure(stack: Stack, ref: str, bundle: Path, runs: int, warmup: int) -> dic
     conmons = [int(stack.sh([*stack.podman, "inspect", "--format", "{{.State.ConmonPid}}", c])) for c in podman_ids]
     pool = pool_shims(stack.agent.proc.pid)
     return {
-        "start": start, "agent_cpu_per_round_s": cpu_per_round, "exec": execs, "skiff_exec": has_exec,
+        "start": start, "agent_cpu_per_round_s": cpu_per_round, "zygote_cpu_per_round_s": zygote_per_round,
+        "exec": execs, "skiff_exec": has_exec,
         "rss": {"skiff shim": memory([shim_pid(stack, c) for c in skiff_ids]), "conmon": memory(conmons),
                 "skiffd agent": memory([stack.agent.proc.pid]),
+                "skiff client zygote": memory(zygotes),
                 "skiffd pool shims (idle)": memory(pool) if pool else {"n": 0}},
     }
 
@@ -228,13 +250,15 @@ def ratio(a: Timing, b: Timing) -> float:
 
 
 def report(res: dict[str, Any], runs: int, warmup: int, podman_runtime: str) -> dict[str, Any]:
-    skiff, podman, runc, _ = res["start"]
+    skiff, podman, runc = res["start"][:3]
     execs: list[Timing] = res["exec"]
     out: dict[str, Any] = {
         "runs": runs, "warmup": warmup, "podman_runtime": podman_runtime, "target_skiff_over_podman": TARGET,
         "start": [t.summary() for t in res["start"]],
-        "ratios": {"skiff/podman": ratio(skiff, podman), "skiff/runc": ratio(skiff, runc)},
+        "ratios": {"skiff/podman": ratio(skiff, podman), "skiff/runc": ratio(skiff, runc),
+                   "skiff no zygote/podman": ratio(res["start"][4], podman)},
         "skiffd_cpu_per_round_s": res["agent_cpu_per_round_s"],
+        "zygote_cpu_per_round_s": res["zygote_cpu_per_round_s"],
         "exec": [t.summary() for t in execs], "skiff_exec": "available" if res["skiff_exec"] else "not available",
         "memory_kib": res["rss"],
     }
@@ -257,8 +281,10 @@ def print_table(out: dict[str, Any]) -> None:
             print(f"{r['label']:<46}{r['median_s'] * ms:9.1f}{r['p90_s'] * ms:9.1f}{r['min_s'] * ms:9.1f}"
                   f"{r['max_s'] * ms:9.1f}{r['cpu_median_s'] * ms:10.1f}")
         if title.startswith("start"):
-            print("(cpu med: the timed client process tree only. skiffd's cpu per round of one `skiff run` and "
-                  f"one `skiff version`, with reaped children, not the detached shims: "
+            print("(cpu med: the timed client process tree only; with the zygote that is skiff's launcher, and "
+                  "the command's own cpu is the zygote's forked child's: "
+                  f"{out['zygote_cpu_per_round_s'] * ms:.0f} ms per round of one `skiff run` and one "
+                  "`skiff version`. skiffd's cpu per round, with reaped children, not the detached shims: "
                   f"{out['skiffd_cpu_per_round_s'] * ms:.0f} ms)")
         elif out["skiff_exec"] != "available":
             print("skiff exec: not available")

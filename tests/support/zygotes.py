@@ -1,0 +1,48 @@
+"""Ending the skiff client zygotes (controller.zygote) that tests and benchmarks start."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def zygote_pids(directory: Path) -> list[int]:
+    """The live zygotes whose pid files are in ``directory`` (a ``$SKIFF_CLIENT_DIR``)."""
+    pids = []
+    for pidfile in directory.glob("client-*.sock.pid"):
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"controller.zygote" in cmdline and not _zombie(pid):
+            pids.append(pid)
+    return pids
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def stop_zygotes(directory: Path, timeout: float = 5.0) -> list[int]:
+    """SIGTERM every zygote of ``directory`` and wait for each to be gone; the pids ended."""
+    pids = zygote_pids(directory)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while not _zombie(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        try:
+            os.waitpid(pid, os.WNOHANG)  # ours only when started by this process
+        except ChildProcessError:
+            pass
+    return pids
