@@ -206,7 +206,7 @@ Restart=on-failure
 RestartSec=5
 LimitNPROC=infinity
 LimitCORE=infinity
-LimitNOFILE=infinity
+LimitNOFILE=1048576
 TasksMax=infinity
 OOMScoreAdjust=-999
 

@@ -1,8 +1,10 @@
 """The Ansible rollout (ansible/): the real ansible-playbook over SSH against lab hosts that start
 without skiffd.  deploy.yml brings up healthy agents with mutual TLS (and ends with `skiff -i
-INVENTORY --on HOSTS info`); a second run changes nothing; upgrade.yml with a newer build keeps
-every running container running and manageable; a host that fails preflight is reported while the
-others finish; remove.yml takes the agent away; ansible-lint passes.
+INVENTORY --on HOSTS info`); a second run changes nothing, nor does --check, and --tags verify
+runs the health and fleet checks alone; --check on a new host (and a CA still to make) passes and
+leaves nothing behind; upgrade.yml with a newer build keeps every running container running and
+manageable; a host that fails preflight is reported while the others finish; remove.yml takes the
+agent away; ansible-lint passes.
 
 Its own lab of four hosts without agents.  Inside each host a private directory is mounted over
 /var/log, so skiffd-service's log stays in the host.
@@ -131,6 +133,17 @@ def rollout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rollout]:
         print("\nansible timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in TIMINGS.items()))
 
 
+def test_check_mode_on_a_new_host_passes_and_changes_nothing(rollout: Rollout) -> None:
+    host = rollout.lab.hosts[3]  # fresh (the preflight test uses it later)
+    ca = rollout.work / "check-ca"  # a CA the run would make
+    proc, recap = rollout.playbook("deploy.yml", "--check", "--limit", host.name, "-e", f"skiff_agent_ca_dir={ca}")
+    assert proc.returncode == 0, _why(proc)
+    assert recap[host.name]["failed"] == 0 and recap[host.name]["changed"] > 0, recap
+    assert not ca.exists()
+    assert not host.private("/opt/skiff/venv").exists() and not host.private("/etc/skiff/daemon.toml").exists()
+    assert _agent_pid(host) is None
+
+
 def test_deploy_brings_up_verified_agents_and_a_second_run_changes_nothing(rollout: Rollout) -> None:
     lab = rollout.lab
     hosts = lab.hosts[:3]
@@ -151,6 +164,19 @@ def test_deploy_brings_up_verified_agents_and_a_second_run_changes_nothing(rollo
     again, recap = rollout.playbook("deploy.yml", "--limit", limit)
     assert again.returncode == 0, _why(again)
     assert all(recap[h.name]["changed"] == 0 for h in hosts), _why(again)
+    pids = {h.name: _agent_pid(h) for h in hosts}
+
+    checked, recap = rollout.playbook("deploy.yml", "--limit", limit, "--check")
+    assert checked.returncode == 0, _why(checked)
+    assert all(recap[h.name]["changed"] == 0 and recap[h.name]["failed"] == 0 for h in hosts), _why(checked)
+
+    verified, recap = rollout.playbook("deploy.yml", "--limit", limit, "--tags", "verify")
+    assert verified.returncode == 0, _why(verified)
+    assert "Wait until skiffd answers gRPC health over mutual TLS" in verified.stdout, _why(verified)
+    assert "TASK [skiff_agent : Install" not in verified.stdout, _why(verified)  # verify alone
+    assert "skiffd 0.1.0, 0 containers" in verified.stdout, _why(verified)  # the fleet check ran too
+    assert all(recap[h.name]["changed"] == 0 for h in hosts), _why(verified)
+    assert {h.name: _agent_pid(h) for h in hosts} == pids  # nothing restarted
 
     ran = rollout.skiff("--on", limit, "run", "-d", "--name", "web", lab.registry_ref("busybox:1"), "sleep", "600")
     assert ran.returncode == 0, ran.stderr

@@ -119,6 +119,7 @@ def test_unit_is_modelled_on_containerds() -> None:
     lines = {ln.split("=", 1)[0]: ln.split("=", 1)[1] for ln in service.strip().splitlines()}
     assert lines["ExecStart"] == "/opt/skiff/venv/bin/skiffd --config-file /etc/skiff/daemon.toml"
     assert (lines["Delegate"], lines["KillMode"], lines["Restart"]) == ("yes", "process", "on-failure")
+    assert lines["LimitNOFILE"] == "1048576"  # a fixed limit, not infinity
     assert "ProtectSystem" not in unit and "WantedBy=multi-user.target" in unit
 
 
