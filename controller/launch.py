@@ -1,20 +1,25 @@
 """``skiff``'s entry point: hand the command to this user's warm client process, or run it here.
 
 Every ``skiff`` is a fresh interpreter, and a short command's wall time is mostly start-up:
-click, protobuf, grpc and the command modules cost ~120 ms to import on a small host before the
+click, protobuf, grpc and the command modules cost ~100 ms to import on a small host before the
 first byte goes to the agent.  So, as ssh's ControlPersist keeps a master connection, the first
 ``skiff`` also starts a *zygote* (:mod:`controller.zygote`): an interpreter that imports all of
 that once and waits on an owner-only unix socket in this user's runtime directory.  Later
-``skiff`` processes send it their arguments, environment, working directory, umask and standard
-streams; it forks a child that runs the command exactly as this process would have, this process
-relays its signals (Ctrl-C, SIGWINCH, SIGTERM ...) to the child, and leaves with the child's status.
+``skiff`` processes send it their arguments, environment, working directory, umask, signal mask
+and ignored signals, and standard streams; it forks a child that runs the command as this
+process would have, this process relays its signals (Ctrl-C, SIGWINCH, SIGTERM, Ctrl-Z ...) to
+the child, and leaves with the child's status.
+
+What the child cannot take on from its caller is part of the zygote's key instead, so a caller
+that differs gets a zygote of its own: the interpreter and skiff's code, the user and its groups,
+the namespaces and root, the cgroup, resource limits and nice value, and the environment read at
+import time (locale, ``PYTHON*``, ``GRPC_*``).  Commands that need the caller's terminal as their
+controlling terminal (a job in the background of a shell, ``login``'s prompt) or its other open
+files (``-i /dev/fd/63``) run here, as does everything when no zygote answers.
 
 The zygote exits after ``$SKIFF_CLIENT_PERSIST`` seconds unused (600 by default; ``0`` turns the
-whole mechanism off and every command runs in its own process).  A changed skiff (its code, its
-installed packages), another Python or another group list gets a zygote of its own.
-
-This module is on the path of every command, so it imports only what the interpreter has already
-loaded (os, sys) and small C modules.
+whole mechanism off).  This module is on the path of every command, so it imports only what the
+interpreter has already loaded (os, sys) and small C modules.
 """
 
 from __future__ import annotations
@@ -25,9 +30,18 @@ import os
 import sys
 
 DEFAULT_PERSIST = 600
-MAGIC = b"SKZ1"
+MAGIC = b"SKZ2"
 #: signals this process passes on to the child's process group, as a terminal would have
-RELAYED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGWINCH", "SIGUSR1", "SIGUSR2", "SIGCONT")
+RELAYED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGWINCH", "SIGUSR1", "SIGUSR2", "SIGCONT", "SIGALRM")
+#: job control: the child is stopped with this process
+STOPS = ("SIGTSTP", "SIGTTIN", "SIGTTOU")
+#: a child runs in its zygote's namespaces: ``ip netns exec NS skiff …`` needs a zygote of its own
+NAMESPACES = ("net", "mnt", "pid", "user", "uts", "ipc", "cgroup")
+#: environment read when modules are imported (the zygote's, not the caller's, would count)
+IMPORT_TIME_ENV = ("LANG", "LC_", "PYTHON", "GRPC_", "PROTOCOL_BUFFERS", "SSL_CERT", "TZ")
+#: commands run here: they ask the terminal itself for input (getpass opens /dev/tty)
+INLINE_COMMANDS = frozenset({"login"})
+CONNECT_REPLY_TIMEOUT = 10.0
 
 
 def persist_seconds(environ: dict[str, str] | os._Environ[str]) -> float:
@@ -69,33 +83,52 @@ def client_dir(environ: dict[str, str] | os._Environ[str]) -> str | None:
     return base
 
 
-#: a child runs in its zygote's namespaces: ``ip netns exec NS skiff …`` needs a zygote of its own
-NAMESPACES = ("net", "mnt", "pid", "user", "uts", "ipc", "cgroup")
+def _read(path: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, 65536)
+    finally:
+        os.close(fd)
 
 
-def code_key() -> str:
-    """What a zygote must share with this process to run its commands: the interpreter, skiff's
-    code (the newest of its modules' modification times), the installed packages (their
-    directories' times), the user and its groups, the namespaces and the root directory."""
+def _newest(directory: str, suffix: str) -> int:
+    """The newest modification or change time of ``directory``'s files ending in ``suffix`` (the
+    change time catches copies that keep modification times)."""
+    newest = 0
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.endswith(suffix):
+                    st = entry.stat()
+                    newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        pass
+    return newest
+
+
+def code_key(environ: dict[str, str] | os._Environ[str]) -> str:
+    """What a zygote must share with this process to run its commands (see the module's doc)."""
     import zlib
 
     here = os.path.dirname(os.path.abspath(__file__))
-    newest = 0
-    for directory in (here, os.path.join(here, "commands")):
-        try:
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    if entry.name.endswith(".py"):
-                        newest = max(newest, entry.stat().st_mtime_ns)
-        except OSError:
-            pass
-    for path_entry in sys.path:
-        if path_entry.endswith("-packages"):
+    newest = max(_newest(here, ".py"), _newest(os.path.join(here, "commands"), ".py"))
+    for entry in filter(None, sys.path):
+        if entry.endswith("-packages"):
             try:
-                newest = max(newest, os.stat(path_entry).st_mtime_ns)
+                st = os.stat(entry)
+                newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
             except OSError:
                 pass
-    parts = [sys.executable, here, str(newest), str(os.getuid()), str(os.getgid()),
+        newest = max(newest, _newest(os.path.join(entry, "skiff", "v1"), "_pb2.py"))
+    try:
+        exe = os.stat(os.path.realpath(sys.executable))
+        interpreter = f"{sys.executable}:{sys.version}:{exe.st_ino}:{exe.st_mtime_ns}"
+    except OSError:
+        interpreter = sys.executable
+    parts = [interpreter, here, str(newest), str(os.getuid()), str(os.getgid()),
              ",".join(str(g) for g in sorted(os.getgroups())), ":".join(sys.path)]
     for name in NAMESPACES:
         try:
@@ -104,7 +137,23 @@ def code_key() -> str:
             parts.append(name)
     root = os.stat("/")
     parts.append(f"{root.st_dev}:{root.st_ino}")
+    stat = _read("/proc/self/stat").rsplit(b")", 1)[-1].split()
+    parts.append(stat[16].decode() if len(stat) > 16 else "")  # nice
+    parts.append(_read("/proc/self/limits").decode(errors="replace"))
+    parts.append(_read("/proc/self/cgroup").decode(errors="replace"))
+    parts += sorted(f"{k}={v}" for k, v in environ.items() if k.startswith(IMPORT_TIME_ENV))
     return f"{zlib.crc32(chr(0).join(parts).encode(errors='surrogateescape')):08x}"
+
+
+def signal_masks() -> tuple[int, int]:
+    """This process's blocked and ignored signals (bit n-1 for signal n), from /proc."""
+    blocked = ignored = 0
+    for line in _read("/proc/self/status").splitlines():
+        if line.startswith(b"SigBlk:"):
+            blocked = int(line.split()[1], 16)
+        elif line.startswith(b"SigIgn:"):
+            ignored = int(line.split()[1], 16)
+    return blocked, ignored
 
 
 def pack(items: list[bytes]) -> bytes:
@@ -112,9 +161,9 @@ def pack(items: list[bytes]) -> bytes:
     return len(items).to_bytes(4, "big") + b"".join(len(i).to_bytes(4, "big") + i for i in items)
 
 
-def request(argv: list[str], environ: dict[bytes, bytes], umask: int) -> bytes:
+def request(argv: list[str], environ: dict[bytes, bytes], umask: int, blocked: int = 0, ignored: int = 0) -> bytes:
     body = (pack([os.fsencode(a) for a in argv]) + pack([k + b"=" + v for k, v in environ.items()])
-            + umask.to_bytes(4, "big"))
+            + umask.to_bytes(4, "big") + blocked.to_bytes(8, "big") + ignored.to_bytes(8, "big"))
     return MAGIC + len(body).to_bytes(4, "big") + body
 
 
@@ -124,9 +173,18 @@ def _inline() -> None:
     run()
 
 
+def zygote_environ(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """The zygote's own environment: what imports read, and where to find skiff; not the first
+    caller's secrets (each child gets its own caller's environment)."""
+    keep = {k: v for k, v in environ.items() if k.startswith(IMPORT_TIME_ENV) or k in ("PATH", "HOME")}
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    keep["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, environ.get("PYTHONPATH", "")) if p)
+    return keep
+
+
 def _spawn(path: str, persist: float) -> None:
-    """Start the zygote for ``path`` in its own session, unless one is already starting (it holds
-    the lock while it imports)."""
+    """Start the zygote for ``path`` in its own session, with default signal dispositions and no
+    blocked signal, unless one is already starting (it holds the lock while it imports)."""
     import fcntl
 
     try:
@@ -140,21 +198,27 @@ def _spawn(path: str, persist: float) -> None:
         return
     os.close(fd)  # released: the zygote takes it
     devnull = os.devnull
+    catchable = [n for n in range(1, _signal.NSIG) if n not in (_signal.SIGKILL, _signal.SIGSTOP)]
     try:
         os.posix_spawn(sys.executable, [sys.executable, "-P", "-m", "controller.zygote", path, str(persist)],
-                       os.environ, setsid=True,
+                       zygote_environ(os.environ), setsid=True, setsigmask=(), setsigdef=catchable,
                        file_actions=[(os.POSIX_SPAWN_OPEN, 0, devnull, os.O_RDONLY, 0),
                                      (os.POSIX_SPAWN_OPEN, 1, devnull, os.O_WRONLY, 0),
                                      (os.POSIX_SPAWN_DUP2, 1, 2)])
-    except OSError:
+    except (OSError, ValueError):
         pass
 
 
 def _connect(path: str) -> _socket.socket | None:
+    """A connection to the zygote at ``path``, only if the other end is this user's process."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         sock.connect(path)
+        creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
     except OSError:
+        sock.close()
+        return None
+    if int.from_bytes(creds[4:8], sys.byteorder) != os.getuid():
         sock.close()
         return None
     return sock
@@ -170,13 +234,15 @@ def _read_exact(sock: _socket.socket, n: int) -> bytes:
     return data
 
 
-def hand_over(sock: _socket.socket, argv: list[str]) -> int:
-    """Send the command to the zygote; the pid of the child running it (its process group's id)."""
+def hand_over(sock: _socket.socket, argv: list[str], blocked: int, ignored: int) -> int:
+    """Send the command to the zygote; the pid of the child running it (its process group's id).
+    The child starts only once this process has its pid (it waits for the zygote's word), so
+    any failure here leaves nothing running and the command can run here instead."""
     cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         umask = os.umask(0o022)
         os.umask(umask)
-        data = request(argv, dict(os.environb), umask)
+        data = request(argv, dict(os.environb), umask, blocked, ignored)
         fds = (0, 1, 2, cwd)
         sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
                                       b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
@@ -184,62 +250,95 @@ def hand_over(sock: _socket.socket, argv: list[str]) -> int:
             sock.sendall(data[sent:])
     finally:
         os.close(cwd)
+    sock.settimeout(CONNECT_REPLY_TIMEOUT)
     reply = _read_exact(sock, 5)
+    sock.settimeout(None)
     if len(reply) != 5 or reply[:1] != b"P":
         raise ConnectionError("the zygote did not start the command")
     return int.from_bytes(reply[1:], "big")
 
 
-def wait_status(sock: _socket.socket, pid: int) -> int:
+def wait_status(sock: _socket.socket, pid: int, ignored: int) -> int:
     """Relay signals to the child's process group until the zygote sends its wait status."""
     def relay(signum: int, frame: object) -> None:
         try:
             os.killpg(pid, signum)
-        except ProcessLookupError:
+        except OSError:
             pass
 
-    for name in RELAYED:
-        _signal.signal(getattr(_signal, name), relay)
+    def stop(signum: int, frame: object) -> None:
+        relay(_signal.SIGSTOP, frame)
+        _signal.signal(signum, _signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # stopped here until SIGCONT, which is relayed
+        _signal.signal(signum, stop)
+
+    for name in RELAYED + STOPS:
+        signum = getattr(_signal, name)
+        if not ignored & (1 << (signum - 1)):
+            _signal.signal(signum, stop if name in STOPS else relay)
     reply = _read_exact(sock, 5)
     if len(reply) != 5 or reply[:1] != b"S":
-        sys.stderr.write("skiff: the client process ended without a status\n")
+        relay(_signal.SIGKILL, None)  # the zygote is gone: so is the command
+        sys.stderr.write("skiff: the client zygote ended before the command\n")
         return 125 << 8
     return int.from_bytes(reply[1:], "big")
 
 
-def _usable_stdio() -> bool:
-    try:
-        for fd in (0, 1, 2):
+def _runs_here(argv: list[str]) -> bool:
+    """Whether this command must run in this process: it names one of this process's other open
+    files, needs the terminal for a prompt, or the terminal's job control applies to it (this
+    process is in the background of a shell)."""
+    if any("/dev/fd/" in a or "/proc/self/fd/" in a for a in argv):
+        return True
+    if INLINE_COMMANDS.intersection(argv[1:]):
+        return True
+    for fd in (0, 1, 2):
+        try:
             os.fstat(fd)
-    except OSError:
-        return False
-    return True
+        except OSError:
+            return True  # a closed standard stream cannot be passed on
+        if os.isatty(fd):
+            try:
+                if os.tcgetpgrp(fd) != os.getpgrp():
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+def _exit_as(status: int) -> None:
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        if signum in (_signal.SIGQUIT, _signal.SIGILL, _signal.SIGABRT, _signal.SIGFPE, _signal.SIGSEGV,
+                      _signal.SIGBUS, _signal.SIGTRAP, _signal.SIGSYS, _signal.SIGXCPU, _signal.SIGXFSZ):
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the child's core, not a second one
+        _signal.signal(signum, _signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        os._exit(128 + signum)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 125)
 
 
 def main() -> None:
     persist = persist_seconds(os.environ)
-    directory = client_dir(os.environ) if persist and _usable_stdio() else None
+    directory = client_dir(os.environ) if persist and not _runs_here(sys.argv) else None
     if directory is None:
         return _inline()
-    path = os.path.join(directory, f"client-{code_key()}.sock")
+    path = os.path.join(directory, f"client-{code_key(os.environ)}.sock")
     if len(os.fsencode(path)) >= 108:  # sun_path's size
         return _inline()
     sock = _connect(path)
     if sock is None:
         _spawn(path, persist)
         return _inline()
+    blocked, ignored = signal_masks()
     try:
-        pid = hand_over(sock, sys.argv)
+        pid = hand_over(sock, sys.argv, blocked, ignored)
     except OSError:
         sock.close()
         return _inline()
-    status = wait_status(sock, pid)
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
-        _signal.signal(signum, _signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        os._exit(128 + signum)
-    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 125)
+    _exit_as(wait_status(sock, pid, ignored))
 
 
 if __name__ == "__main__":

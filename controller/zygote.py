@@ -3,30 +3,36 @@
 Started by :mod:`controller.launch` as ``python -P -m controller.zygote SOCKET PERSIST`` in a
 session of its own.  It holds ``SOCKET.lock`` for its life (so only one starts), imports the CLI
 and everything a common command needs, binds the owner-only ``SOCKET`` and serves: each
-connection (from the same user only) brings a command, and a forked child takes on the caller's
-standard streams, working directory, umask, environment and arguments, and runs the CLI.  The
-caller gets the child's pid, then its wait status.  A caller that goes away takes its child with
-it (SIGKILL to the child's process group, as a killed ``skiff`` process would have ended).
+connection, from a process of the same user in the same namespaces and root, brings a command,
+and a forked child takes on the caller's standard streams, working directory, umask, signal mask
+and ignored signals, environment and arguments, and runs the CLI.  The child waits until the
+caller has its pid (so a caller that failed before can run the command itself without running it
+twice); the caller then gets its wait status.  A caller that goes away takes its child with it
+(SIGKILL to the child's process group, as a killed ``skiff`` process would have ended), and so
+does the zygote's own end (SIGTERM, or a crash: the children die with it, PR_SET_PDEATHSIG).
 
-It imports no module whose import reads the caller's environment or working directory (ansible's
-configuration is read at import, so inventories are imported by the child), and it never starts
-gRPC's threads: a channel is only ever made in a child, after the fork.
+It imports no module whose import reads the caller's working directory (ansible reads its
+configuration at import, so inventories are imported by the child), and it never starts gRPC's
+threads: a channel is only ever made in a child, after the fork.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import importlib
 import io
 import os
+import resource
 import selectors
 import signal
 import socket
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
-from controller.launch import MAGIC
+from controller.launch import MAGIC, NAMESPACES
 
 #: imported before serving: what ``skiff run``, ``ps``, ``logs``, ``exec``, ``images`` ... reach for
 PRELOAD = (
@@ -37,14 +43,16 @@ PRELOAD = (
     "skiff.v1.images_pb2_grpc", "skiff.v1.system_pb2_grpc", "google.protobuf.json_format",
     "controller.ssh",
 )
-REQUEST_TIMEOUT = 5.0
+#: the whole request must arrive within this (a slow caller holds up the others no longer)
+REQUEST_DEADLINE = 2.0
 MAX_REQUEST = 8 << 20
 #: how often an idle zygote checks that its socket is still the one callers find
 TICK = 30.0
+PR_SET_PDEATHSIG = 1
 
 
 class BadRequest(Exception):
-    """A connection that did not bring a well-formed command."""
+    """A connection that did not bring a well-formed command, or came from elsewhere."""
 
 
 @dataclass
@@ -52,6 +60,8 @@ class Command:
     argv: list[str]
     environ: dict[bytes, bytes]
     umask: int
+    blocked: int
+    ignored: int
     fds: list[int]
 
 
@@ -60,6 +70,7 @@ class Child:
     pid: int
     pidfd: int
     conn: socket.socket
+    caller_gone: bool = False
 
 
 def unpack(data: bytes, at: int) -> tuple[list[bytes], int]:
@@ -79,15 +90,24 @@ def unpack(data: bytes, at: int) -> tuple[list[bytes], int]:
 def parse(data: bytes, fds: list[int]) -> Command:
     argv, at = unpack(data, 0)
     env, at = unpack(data, at)
-    if len(data) != at + 4 or len(fds) != 4 or not argv:
+    if len(data) != at + 20 or len(fds) != 4 or not argv:
         raise BadRequest("malformed request")
     environ = dict(item.partition(b"=")[::2] for item in env)
-    return Command([os.fsdecode(a) for a in argv], environ, int.from_bytes(data[at:], "big"), fds)
+    return Command([os.fsdecode(a) for a in argv], environ, int.from_bytes(data[at:at + 4], "big"),
+                   int.from_bytes(data[at + 4:at + 12], "big"), int.from_bytes(data[at + 12:], "big"), fds)
 
 
 def receive(conn: socket.socket) -> Command:
-    """Read one command: the fds come with the first bytes."""
-    conn.settimeout(REQUEST_TIMEOUT)
+    """Read one command, all of it within REQUEST_DEADLINE: the fds come with the first bytes."""
+    deadline = time.monotonic() + REQUEST_DEADLINE
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BadRequest("request too slow")
+        return left
+
+    conn.settimeout(remaining())
     fds: list[int] = []
     data, ancillary, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
     for level, kind, payload in ancillary:
@@ -101,6 +121,7 @@ def receive(conn: socket.socket) -> Command:
             raise BadRequest("request too large")
         body = bytearray(data[8:])
         while len(body) < size:
+            conn.settimeout(remaining())
             chunk = conn.recv(min(size - len(body), 1 << 20))
             if not chunk:
                 raise BadRequest("truncated request")
@@ -112,14 +133,39 @@ def receive(conn: socket.socket) -> Command:
         raise
 
 
-def peer_uid(conn: socket.socket) -> int:
+def check_peer(conn: socket.socket) -> None:
+    """The caller must be this user's process, in this zygote's namespaces and root: a process
+    in a sandbox that can see the socket does not get its commands run outside it."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    return int.from_bytes(creds[4:8], sys.byteorder)
+    pid, uid = (int.from_bytes(creds[i:i + 4], sys.byteorder) for i in (0, 4))
+    if uid != os.getuid():
+        raise BadRequest("another user")
+    try:
+        for name in NAMESPACES:
+            if os.readlink(f"/proc/{pid}/ns/{name}") != os.readlink(f"/proc/self/ns/{name}"):
+                raise BadRequest(f"another {name} namespace")
+        theirs, ours = os.stat(f"/proc/{pid}/root"), os.stat("/")
+    except OSError as exc:
+        raise BadRequest(f"caller {pid} cannot be checked: {exc}") from None
+    if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+        raise BadRequest("another root directory")
 
 
-def become(command: Command) -> None:
-    """In the forked child: take on the caller's process state, then run the CLI (never returns)."""
-    os.setpgid(0, 0)
+def _signals(mask: int) -> set[int]:
+    return {n for n in range(1, signal.NSIG) if mask & (1 << (n - 1))}
+
+
+def become(command: Command, go: int, zygote_pid: int, stdio: dict[str, tuple[str, str]]) -> None:
+    """In the forked child: wait for the zygote's word (``go`` readable), take on the caller's
+    process state, then run the CLI (never returns)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != zygote_pid or os.read(go, 1) != b"g":
+        os._exit(125)  # the zygote died, or could not tell the caller: the caller runs it itself
+    os.close(go)
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass  # the zygote did it first
     for target, fd in zip((0, 1, 2), command.fds):
         os.dup2(fd, target)
     os.fchdir(command.fds[3])
@@ -130,24 +176,39 @@ def become(command: Command) -> None:
     os.environb.update(command.environ)
     time.tzset()
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(signum, signal.SIG_DFL)
+    for default in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(default, signal.SIG_DFL)
+    for ignored in _signals(command.ignored) - {signal.SIGKILL, signal.SIGSTOP}:
+        signal.signal(ignored, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, _signals(command.blocked) - {signal.SIGKILL, signal.SIGSTOP})
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
-    streams = {
-        "stdin": io.TextIOWrapper(io.open(0, "rb", closefd=False), encoding="utf-8"),
-        "stdout": io.TextIOWrapper(io.open(1, "wb", buffering=0 if unbuffered else -1, closefd=False), encoding="utf-8",
+    streams = {  # as the interpreter made the zygote's own, now on the caller's fds
+        "stdin": io.TextIOWrapper(io.open(0, "rb", closefd=False), encoding=stdio["stdin"][0],
+                                  errors=stdio["stdin"][1], newline="\n"),
+        "stdout": io.TextIOWrapper(io.open(1, "wb", buffering=0 if unbuffered else -1, closefd=False),
+                                   encoding=stdio["stdout"][0], errors=stdio["stdout"][1], newline="\n",
                                    line_buffering=os.isatty(1), write_through=unbuffered),
         "stderr": io.TextIOWrapper(io.open(2, "wb", buffering=0 if unbuffered else -1, closefd=False),
-                                   encoding="utf-8", errors="backslashreplace",
+                                   encoding=stdio["stderr"][0], errors=stdio["stderr"][1], newline="\n",
                                    line_buffering=True, write_through=unbuffered),
     }
-    for name, stream in streams.items():  # as the interpreter would have made them for the caller's fds
+    for name, stream in streams.items():
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
     sys.argv = command.argv
     from controller.main import main
 
-    main()
+    try:
+        main()  # leaves with os._exit
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as the interpreter ends on an uncaught Ctrl-C
+        os.kill(os.getpid(), signal.SIGINT)
+    except BaseException:  # noqa: BLE001 - what the interpreter would print at the top level
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     os._exit(0)
 
 
@@ -156,11 +217,13 @@ class Zygote:
         self.path = path
         self.persist = persist
         self.selector = selectors.DefaultSelector()
-        self.children: dict[int, Child] = {}  # by pidfd
-        self.by_conn: dict[int, Child] = {}  # by the connection's fd
+        self.children: dict[int, Child] = {}  # by pid
         self.listener: socket.socket | None = None
         self.inode = 0
         self.lock = -1
+        #: the interpreter's own choice of encoding and errors for standard streams, for the children's
+        self.stdio = {name: (getattr(sys, name).encoding, getattr(sys, name).errors)
+                      for name in ("stdin", "stdout", "stderr")}
 
     def claim(self) -> bool:
         """The lock for ``path``: false when another zygote holds it."""
@@ -186,7 +249,7 @@ class Zygote:
         listener.setblocking(False)
         self.inode = os.stat(self.path).st_ino
         self.listener = listener
-        self.selector.register(listener, selectors.EVENT_READ, "accept")
+        self.selector.register(listener, selectors.EVENT_READ, None)
         with open(self.path + ".pid", "w") as pidfile:
             pidfile.write(f"{os.getpid()}\n")
 
@@ -202,12 +265,18 @@ class Zygote:
             left = self.persist - (time.monotonic() - idle_since)
             events = self.selector.select(timeout=TICK if self.children else max(0.05, min(TICK, left)))
             for key, _ in events:
-                if key.data == "accept":
-                    self.accept()
-                elif key.data == "exit":
-                    self.reap(self.children[key.fd])
-                else:
-                    self.caller_gone(self.by_conn[key.fd])
+                # an earlier event of this round may have closed this fd (and a new one reused it)
+                if self.selector.get_map().get(key.fd) is not key:
+                    continue
+                try:
+                    if key.data is None:
+                        self.accept()
+                    elif key.fd == key.data.pidfd:
+                        self.reap(key.data)
+                    else:
+                        self.caller_closed(key.data)
+                except Exception:  # noqa: BLE001 - one caller's trouble must not end the others' commands
+                    traceback.print_exc()
             if self.children or events:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since >= self.persist:
@@ -224,39 +293,48 @@ class Zygote:
         except BlockingIOError:
             return
         try:
-            if peer_uid(conn) != os.getuid():
-                raise BadRequest("another user")
+            check_peer(conn)
             command = receive(conn)
         except (OSError, BadRequest):
             conn.close()
             return
+        go_read, go_write = os.pipe()
+        me = os.getpid()
         try:
             pid = os.fork()
         except OSError:
-            for fd in command.fds:
+            for fd in (*command.fds, go_read, go_write):
                 os.close(fd)
             conn.close()
             return
         if pid == 0:
             try:
+                os.close(go_write)
                 self.close_in_child(conn)
-                become(command)
+                become(command, go_read, me, self.stdio)
             finally:
                 os._exit(125)
+        os.close(go_read)
         for fd in command.fds:
             os.close(fd)
-        child = Child(pid, os.pidfd_open(pid), conn)
-        conn.setblocking(True)
-        conn.settimeout(REQUEST_TIMEOUT)
         try:
-            conn.sendall(b"P" + pid.to_bytes(4, "big"))
+            os.setpgid(pid, pid)  # before the caller can signal the group (the child does it too)
         except OSError:
             pass
-        conn.setblocking(False)
-        self.children[child.pidfd] = child
-        self.by_conn[conn.fileno()] = child
-        self.selector.register(child.pidfd, selectors.EVENT_READ, "exit")
-        self.selector.register(conn, selectors.EVENT_READ, "caller")
+        child = Child(pid, os.pidfd_open(pid), conn)
+        self.children[pid] = child
+        self.selector.register(child.pidfd, selectors.EVENT_READ, child)
+        try:
+            conn.settimeout(REQUEST_DEADLINE)
+            conn.sendall(b"P" + pid.to_bytes(4, "big"))
+            os.write(go_write, b"g")
+        except OSError:
+            child.caller_gone = True  # the child reads EOF and leaves without running anything
+        finally:
+            os.close(go_write)
+        if not child.caller_gone:
+            conn.setblocking(False)
+            self.selector.register(conn, selectors.EVENT_READ, child)
 
     def close_in_child(self, conn: socket.socket) -> None:
         """The child keeps nothing of the zygote's: not the listener, the lock, the selector, nor
@@ -271,43 +349,46 @@ class Zygote:
         conn.close()
 
     def reap(self, child: Child) -> None:
-        _, status = os.waitpid(child.pid, 0)
-        self.forget(child)
         try:
-            child.conn.setblocking(True)
-            child.conn.settimeout(REQUEST_TIMEOUT)
-            child.conn.sendall(b"S" + (status & 0xFFFFFFFF).to_bytes(4, "big"))
-        except OSError:
-            pass
+            _, status = os.waitpid(child.pid, 0)
+        except ChildProcessError:
+            status = 125 << 8
+        self.selector.unregister(child.pidfd)
+        os.close(child.pidfd)
+        del self.children[child.pid]
+        if not child.caller_gone:
+            self.selector.unregister(child.conn)
+            try:
+                child.conn.setblocking(True)
+                child.conn.settimeout(REQUEST_DEADLINE)
+                child.conn.sendall(b"S" + (status & 0xFFFFFFFF).to_bytes(4, "big"))
+            except OSError:
+                pass
         child.conn.close()
 
-    def caller_gone(self, child: Child) -> None:
+    def caller_closed(self, child: Child) -> None:
         """The caller's connection became readable: it closed (nothing else is ever sent), so the
         command it was waiting for is ended with it."""
         try:
-            if child.conn.recv(1, socket.MSG_PEEK):
-                child.conn.recv(4096)
+            if child.conn.recv(4096):
                 return
         except BlockingIOError:
             return
         except OSError:
             pass
+        child.caller_gone = True
         self.selector.unregister(child.conn)
-        del self.by_conn[child.conn.fileno()]
         try:
             os.killpg(child.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
-    def forget(self, child: Child) -> None:
-        self.selector.unregister(child.pidfd)
-        os.close(child.pidfd)
-        del self.children[child.pidfd]
-        if child.conn.fileno() in self.by_conn:
-            self.selector.unregister(child.conn)
-            del self.by_conn[child.conn.fileno()]
-
     def close(self) -> None:
+        for child in self.children.values():  # the commands end with their zygote
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if self.listener is not None and self.still_ours():
             for name in (self.path, self.path + ".pid"):
                 try:
@@ -325,10 +406,17 @@ def preload() -> None:
             pass
 
 
+def _leave(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 3 or not hasattr(os, "pidfd_open"):
         return 2
-    os.closerange(3, 1 << 16)  # nothing of the first caller's but /dev/null on 0-2
+    os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[1])  # nothing of the first caller's
+    os.chdir("/")  # nor its working directory (each child gets its own caller's)
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, _leave)
     path, persist = argv[1], float(argv[2])
     zygote = Zygote(path, persist)
     if not zygote.claim():

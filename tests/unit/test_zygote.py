@@ -94,12 +94,45 @@ def silent_agent(tmp_path: Path) -> Iterator[str]:
 def test_a_request_comes_back_whole() -> None:
     argv = ["skiff", "", "run", "-e", "A=b=c", "\udcff-not-utf8"]
     environ = {b"EMPTY": b"", b"WITH_EQUALS": b"x=y=z", b"BYTES": b"\xff\xfe"}
-    data = launch.request(argv, environ, 0o027)
+    data = launch.request(argv, environ, 0o027, blocked=1 << 14, ignored=(1 << 1) | (1 << 12))
     assert data[:4] == launch.MAGIC and int.from_bytes(data[4:8], "big") == len(data) - 8
     command = zygote.parse(data[8:], [10, 11, 12, 13])
     assert command.argv == argv
     assert command.environ == environ
     assert command.umask == 0o027
+    assert zygote._signals(command.blocked) == {signal.SIGTERM}
+    assert zygote._signals(command.ignored) == {signal.SIGINT, signal.SIGPIPE}
+
+
+@pytest.mark.parametrize(("argv", "here"), [
+    (["skiff", "ps"], False),
+    (["skiff", "-i", "/dev/fd/63", "--on", "web", "ps"], True),
+    (["skiff", "--tlscacert=/proc/self/fd/5", "ps"], True),
+    (["skiff", "login", "-u", "me", "registry:5000"], True),
+])
+def test_commands_that_need_this_process_run_in_it(argv: list[str], here: bool) -> None:
+    assert launch._runs_here(argv) is here
+
+
+def test_the_key_follows_what_the_child_cannot_take_on(tmp_path: Path) -> None:
+    base = {"PATH": "/usr/bin"}
+    assert launch.code_key(base) == launch.code_key({**base, "SKIFF_HOST": "unix:///x", "TOKEN": "s"})
+    for name, value in (("LANG", "C"), ("PYTHONIOENCODING", "latin-1"), ("GRPC_VERBOSITY", "debug")):
+        assert launch.code_key(base) != launch.code_key({**base, name: value})
+    probe = "from controller.launch import code_key; print(code_key({'PATH': '/usr/bin'}))"
+    niced = subprocess.run(["nice", "-n", "5", sys.executable, "-c", probe], capture_output=True, text=True,
+                           check=True, cwd=Path(launch.__file__).parents[1])
+    plain = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                           cwd=Path(launch.__file__).parents[1])
+    assert niced.stdout != plain.stdout
+
+
+def test_the_zygote_keeps_nothing_of_its_first_callers_environment() -> None:
+    kept = launch.zygote_environ({"PATH": "/bin", "HOME": "/root", "LANG": "C.UTF-8", "AWS_SECRET": "x",
+                                  "SKIFF_HOST": "tcp://h:1", "GRPC_TRACE": "api"})
+    assert "AWS_SECRET" not in kept and "SKIFF_HOST" not in kept
+    assert kept["LANG"] == "C.UTF-8" and kept["GRPC_TRACE"] == "api"
+    assert Path(kept["PYTHONPATH"].split(os.pathsep)[0], "controller", "zygote.py").exists()
 
 
 @pytest.mark.parametrize("body", [b"", b"\x00\x00\x00\x05", b"\x00\x00\x00\x01\x00\x00\x00\x09ab"])
@@ -239,3 +272,98 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_zygote_started_with_odd_signal_state_serves_normally(clients: Path, silent_agent: str) -> None:
+    """The first caller ignores SIGCHLD and blocks SIGTERM: neither reaches the zygote or later
+    commands (a SIGTERM still ends a command)."""
+    odd = ("import os, signal, sys; signal.signal(signal.SIGCHLD, signal.SIG_IGN); "
+           "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); os.execv(sys.argv[1], sys.argv[1:])")
+    subprocess.run([sys.executable, "-c", odd, str(SKIFF), "--version"], env=env_for(clients), check=True,
+                   capture_output=True, timeout=60)
+    pid = wait_for(lambda: zygote_pids(clients))[0]
+    wait_for(lambda: list(clients.glob("client-*.sock")))
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert "SigBlk:\t0000000000000000" in status
+    assert int(status.split("SigIgn:")[1].split()[0], 16) & (1 << (signal.SIGCHLD - 1)) == 0
+    usage = skiff(clients, "no-such-command")
+    assert usage.returncode == 2  # the zygote reaped its child and sent the status
+    proc = subprocess.Popen([str(SKIFF), "-H", silent_agent, "version"], env=env_for(clients),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: children_of(pid))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == -signal.SIGTERM
+
+
+def test_a_caller_that_leaves_at_once_leaves_nothing_running(clients: Path, tmp_path: Path) -> None:
+    """Callers that close right after the zygote's answer: no command runs without its caller."""
+    pid = warm(clients)
+    path = str(next(clients.glob("client-*.sock")))
+    marker = tmp_path / "ran"
+    devnull = os.open(os.devnull, os.O_RDWR)
+    cwd = os.open("/", os.O_PATH)
+    try:
+        fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (devnull, devnull, devnull, cwd))
+        # a command that takes a while before it would leave a trace
+        data = launch.request(["skiff", "--retry-file", str(marker), "-H", "unix:///nonexistent.sock", "ps"],
+                              dict(os.environb), 0o022)
+        for _ in range(50):
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(path)
+            conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            assert conn.recv(5)[:1] == b"P"
+            conn.close()
+    finally:
+        os.close(devnull)
+        os.close(cwd)
+    wait_for(lambda: not children_of(pid))
+    assert zygote_pids(clients) == [pid]
+
+
+def test_the_commands_end_with_their_zygote(clients: Path, silent_agent: str) -> None:
+    pid = warm(clients)
+    proc = subprocess.Popen([str(SKIFF), "-H", silent_agent, "version"], env=env_for(clients),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = wait_for(lambda: children_of(pid))[0]
+    os.kill(pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 125 and b"zygote ended" in err
+    wait_for(lambda: not alive(child))
+
+
+def test_a_slow_caller_does_not_hold_up_the_others(clients: Path) -> None:
+    warm(clients)
+    path = str(next(clients.glob("client-*.sock")))
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slow.connect(path)
+    try:
+        slow.send(launch.MAGIC[:1])  # and nothing more: the zygote gives up on it
+        result = subprocess.run([str(SKIFF), "--version"], env=env_for(clients), capture_output=True,
+                                text=True, timeout=15, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0
+        assert slow.recv(1) == b""  # dropped
+    finally:
+        slow.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
+def test_a_caller_in_another_namespace_is_refused(clients: Path) -> None:
+    warm(clients)
+    path = str(next(clients.glob("client-*.sock")))
+    probe = (
+        "import os, socket, sys\n"
+        "from controller import launch\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        "fds = b''.join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2, os.open('/', os.O_PATH)))\n"
+        "s.sendmsg([launch.request(['skiff', '--version'], {}, 0o022)], "
+        "[(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])\n"
+        "try:\n"
+        "    data = s.recv(5)\n"
+        "    print(repr(data) if data else 'refused')\n"
+        "except ConnectionResetError:\n"
+        "    print('refused')\n"
+    )
+    result = subprocess.run(["unshare", "--net", sys.executable, "-c", probe, path], capture_output=True, text=True,
+                            timeout=30, cwd=Path(launch.__file__).parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "refused"
