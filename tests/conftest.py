@@ -19,7 +19,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from tests.support.zygotes import stop_zygotes  # noqa: E402
+from tests.support.zygotes import stop_strays, stop_zygotes  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,3 +36,4 @@ def client_zygotes() -> Iterator[Path]:
             os.environ["SKIFF_CLIENT_DIR"] = before
         stop_zygotes(directory)
         shutil.rmtree(directory, ignore_errors=True)
+        stop_strays()

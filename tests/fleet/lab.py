@@ -687,7 +687,7 @@ class Lab:
               timeout: float = 120, input: str | None = None) -> Result:
         """The real ``skiff`` on the root side (no ``$SKIFF_*`` from this environment), with
         ``$SKIFF_CERT_PATH`` set to ``cert``: ``"admin"``, ``"viewer"`` or a directory."""
-        base = {k: v for k, v in os.environ.items() if not k.startswith("SKIFF_")}
+        base = {k: v for k, v in os.environ.items() if not k.startswith("SKIFF_") or k == "SKIFF_CLIENT_DIR"}
         if cert is not None:
             named = {"admin": self.admin, "viewer": self.viewer}
             base["SKIFF_CERT_PATH"] = str(named[cert] if isinstance(cert, str) and cert in named else cert)

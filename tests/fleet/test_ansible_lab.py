@@ -84,7 +84,7 @@ class Rollout:
                                           "skiff_agent_insecure_registries": [lab.registry.host]}))
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SKIFF_", "ANSIBLE_"))}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SKIFF_", "ANSIBLE_")) or k == "SKIFF_CLIENT_DIR"}
         env.update(ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"), ANSIBLE_HOME=str(self.work / "ansible-home"),
                    ANSIBLE_LOCAL_TEMP=str(self.work / "ansible-tmp"), ANSIBLE_NOCOLOR="1",
                    ANSIBLE_FORCE_COLOR="0", PATH=f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}")
@@ -102,7 +102,7 @@ class Rollout:
         return proc, recap
 
     def skiff(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SKIFF_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SKIFF_") or k == "SKIFF_CLIENT_DIR"}
         env["SKIFF_CERT_PATH"] = str(self.ca / "clients" / "ansible")
         return subprocess.run([str(BIN / "skiff"), "-i", str(self.inventory), *args], capture_output=True, text=True,
                               timeout=timeout, env=env, stdin=subprocess.DEVNULL, check=False)

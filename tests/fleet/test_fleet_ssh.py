@@ -94,7 +94,7 @@ def test_exec_it_on_one_remote_host_is_interactive(lab: Lab) -> None:
     host = lab.hosts[3]
     target = ["-H", host.ssh_url, "--ssh-key", str(lab.ssh_key), "--known-hosts", str(lab.known_hosts)]
     lab.ok(*target, "run", "-d", "--name", "tty", lab.registry_ref("busybox:1"), "sleep", "600")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKIFF_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKIFF_") or k == "SKIFF_CLIENT_DIR"}
     with PtyProcess.spawn([str(BIN / "skiff"), *target, "exec", "-it", "tty", "sh"], env={**env, "TERM": "xterm"},
                           rows=30, cols=100) as term:
         term.expect(b"# ", timeout=20)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -46,3 +47,33 @@ def stop_zygotes(directory: Path, timeout: float = 5.0) -> list[int]:
         except ChildProcessError:
             pass
     return pids
+
+
+def _start_ticks(pid: int | str) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def stop_strays(timeout: float = 5.0) -> list[int]:
+    """End zygotes of this interpreter in the default directories ($XDG_RUNTIME_DIR/skiff,
+    /tmp/skiff-UID) that started after this process: a test that ran skiff without
+    ``$SKIFF_CLIENT_DIR`` started them."""
+    since = _start_ticks("self")
+    directories = [Path(f"/tmp/skiff-{os.getuid()}")]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        directories.append(Path(os.environ["XDG_RUNTIME_DIR"], "skiff"))
+    strays = []
+    for directory in directories:
+        for pid in zygote_pids(directory):
+            try:
+                argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+                if argv0 == sys.executable and _start_ticks(pid) >= since:
+                    strays.append(pid)
+            except (OSError, IndexError, ValueError):
+                continue
+    for pid in strays:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for pid in strays:
+        while not _zombie(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return strays
