@@ -41,7 +41,7 @@ PRELOAD = (
     "controller.terminal", "controller.targets", "controller.commands.run", "controller.commands.containers",
     "controller.commands.images", "controller.commands.system", "skiff.v1.containers_pb2_grpc",
     "skiff.v1.images_pb2_grpc", "skiff.v1.system_pb2_grpc", "google.protobuf.json_format",
-    "controller.ssh",
+    "controller.ssh", "agent.runtime.imageconfig", "agent.containers.jsonlog",
 )
 #: the whole request must arrive within this (a slow caller holds up the others no longer)
 REQUEST_DEADLINE = 2.0
@@ -49,6 +49,7 @@ MAX_REQUEST = 8 << 20
 #: how often an idle zygote checks that its socket is still the one callers find
 TICK = 30.0
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 
 
 class BadRequest(Exception):
@@ -158,7 +159,9 @@ def _signals(mask: int) -> set[int]:
 def become(command: Command, go: int, zygote_pid: int, stdio: dict[str, tuple[str, str]]) -> None:
     """In the forked child: wait for the zygote's word (``go`` readable), take on the caller's
     process state, then run the CLI (never returns)."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(PR_SET_NAME, b"skiff")  # what ps -e and pgrep show (the command line stays the zygote's)
     if os.getppid() != zygote_pid or os.read(go, 1) != b"g":
         os._exit(125)  # the zygote died, or could not tell the caller: the caller runs it itself
     os.close(go)

@@ -212,6 +212,7 @@ def test_a_child_has_its_callers_streams_directory_umask_and_process_group(clien
             status = Path(f"/proc/{child}/status").read_text()
             assert "Umask:\t0027" in status
             assert os.getpgid(child) == child
+            assert Path(f"/proc/{child}/comm").read_text().strip() == "skiff"
         finally:
             proc.kill()
             proc.wait()
