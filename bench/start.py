@@ -142,13 +142,13 @@ class Stack:
                 self.sh(argv, check=False, timeout=60)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 print(f"clean-up: {' '.join(argv[:4])}…: {exc}", file=sys.stderr)
-        stop_zygotes(self.client_dir)
         for stop in (self.agent.stop if self.agent else None, self.registry.stop if self.registry else None):
             try:
                 if stop is not None:
                     stop()
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 print(f"clean-up: {exc}", file=sys.stderr)
+        stop_zygotes(self.client_dir)  # last: stopping the agent may still run skiff
         with open("/proc/self/mountinfo", encoding="utf-8") as f:  # podman's private bind of its root
             targets = [line.split()[4] for line in f]
         for target in reversed(targets):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 from tests.support import ociimage  # noqa: E402
 from tests.support.agent import BIN, AgentProcess  # noqa: E402
 from tests.support.registry import Registry  # noqa: E402
+from tests.support.zygotes import stop_zygotes  # noqa: E402
 
 
 def skiff(agent: AgentProcess, *args: str) -> None:
@@ -23,6 +25,7 @@ def skiff(agent: AgentProcess, *args: str) -> None:
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="skiff-demo-") as tmp:
         work = Path(tmp)
+        os.environ["SKIFF_CLIENT_DIR"] = str(work / "clients")  # skiff's client zygote, ended below
         ociimage.build_busybox(work / "layout")
         with Registry(work / "registry") as registry:
             ref = f"{registry.host}/busybox:1"
@@ -46,7 +49,8 @@ def main() -> int:
                 skiff(agent, "ps", "-a", "--format", "{{.Names}}\t{{.Status}}")
                 skiff(agent, "rm", "ticker")
             finally:
-                agent.stop()
+                agent.stop()  # (it may still run skiff)
+                stop_zygotes(work / "clients")
     return 0
 
 

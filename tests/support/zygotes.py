@@ -32,7 +32,11 @@ def _zombie(pid: int) -> bool:
 
 def stop_zygotes(directory: Path, timeout: float = 5.0) -> list[int]:
     """SIGTERM every zygote of ``directory`` and wait for each to be gone; the pids ended."""
-    pids = zygote_pids(directory)
+    return _end(zygote_pids(directory), timeout)
+
+
+def _end(pids: list[int], timeout: float) -> list[int]:
+    """SIGTERM ``pids`` and wait until each is gone (a zombie counts: nothing may reap it here)."""
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -70,10 +74,4 @@ def stop_strays(timeout: float = 5.0) -> list[int]:
                     strays.append(pid)
             except (OSError, IndexError, ValueError):
                 continue
-    for pid in strays:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for pid in strays:
-        while not _zombie(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-    return strays
+    return _end(strays, timeout)
